@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+# torch is not pinned here so the package installs beside whatever torch a GPU image has
+# (>= 2.6 for DTensor/FSDP2 APIs; tested on 2.11 and 2.13). The CPU test set-up pins the
+# exact CPU wheel in the `test` extra, installed before anything that might pull a CUDA torch.
+TEST = [
+    "torch==2.13.0",  # the CPU wheel on local disk; never a CUDA build in CI
+    "numpy==2.4.6",
+    "pytest==9.0.3",
+    "pytest-timeout==2.4.0",
+    "zclip==1.0.0",  # reference for ZClip tests
+    "pytorch-optimizer==4.1.0",  # reference for StableSPAM / SPAM tests
+    "tokenizers==0.23.3",
+    "PyYAML==6.0.3",
+]
+
+setup(
+    name="dist_stab",
+    version="0.1.0",
+    description="Sharding-aware training stability (AdaGC, GradientStabilizer, Stable-SPAM, SPAM, SCALE) "
+                "for FSDP2/DTensor, DeepSpeed ZeRO and Megatron-Core",
+    packages=find_packages(include=["dist_stab", "dist_stab.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "test": TEST,
+        "train": ["tokenizers==0.23.3", "PyYAML==6.0.3"],
+        "deepspeed": ["deepspeed==0.19.8"],
+        "megatron": ["megatron-core==0.16.1"],
+    },
+)
