@@ -7,11 +7,13 @@ child's traceback; a hang ends after ``timeout`` seconds.
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
 from datetime import timedelta
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -31,7 +33,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
         out = fn(rank, world_size, *args)
-        queue.put((rank, "ok", out))
+        buf = io.BytesIO()
+        torch.save(out, buf)  # plain bytes: no shared-memory handles that die with this process
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report every failure, including assertion errors, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -39,6 +43,8 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
         except Exception as exc:  # noqa: BLE001 - shutting down; the result is already queued
             print(f"[rank {rank}] destroy_process_group: {exc}", flush=True)
+        queue.close()
+        queue.join_thread()  # flush the result before the hard exit below
     os._exit(0)  # avoids the DCP/FSDP2 interpreter-exit abort seen on CPU (cpu-stack.md §1a)
 
 
@@ -55,7 +61,7 @@ def run_dist(fn, world_size: int, *args, timeout: float = 300.0):
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break  # the other ranks may now hang in a collective

@@ -18,6 +18,8 @@ available here as the explicit ``mode="shard_local"``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import GradTransform, check_open_unit, check_positive
@@ -45,8 +47,9 @@ class GradientStabilizer(GradTransform):
         v_new = torch.where(ok, self.gamma2 * v + (1 - self.gamma2) * R * R, v)
         if self.bias_correction:
             k_safe = k_new.clamp(min=1.0)
-            m_hat = m_new / (1 - torch.pow(self.gamma1, k_safe))
-            v_hat = v_new / (1 - torch.pow(self.gamma2, k_safe))
+            # 1 - gamma^k as -expm1(k log gamma): exact in fp32 even when gamma^k is close to 1
+            m_hat = m_new / -torch.expm1(k_safe * math.log(self.gamma1))
+            v_hat = v_new / -torch.expm1(k_safe * math.log(self.gamma2))
         else:
             m_hat, v_hat = m_new, v_new
         rho = m_hat / (v_hat.sqrt() + self.eps)
