@@ -22,6 +22,7 @@ from .. import comm
 from ..backends import describe
 from ..reducer import SlotLayout
 from ..spec import GroupRef, ShardedParam
+from ..kernels import scale_tensors_
 from ..stats import local_maxabs, local_sumsq
 
 
@@ -152,7 +153,7 @@ class GradTransform:
         sumsq = plan.sum_layout.complete(local_sumsq(grads), "sum", self.tag)
         maxabs = plan.max_layout.complete(local_maxabs(grads), "max", self.tag) if plan.max_layout else None
         factors, extra = self._compute(plan, sumsq, maxabs)
-        torch._foreach_mul_(grads, list(factors.unbind()))
+        scale_tensors_(grads, factors)
         norms = sumsq.sqrt()
         finite = torch.isfinite(norms)
         global_norm = extra.pop("global_norm", None)

@@ -1,0 +1,42 @@
+"""CUDA-only checks (run on the device machine: ``pytest tests/test_gpu_kernels.py``); on a machine
+without CUDA these are reported as skipped, never as passed."""
+import pytest
+import torch
+
+import dist_stab as ds
+from dist_stab.kernels import scale_tensors_
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_tensors_matches_foreach_and_skips_factor_one(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(5000, 3), (1,), (4096,), (7, 9, 11), (0, 4), (123457,)]
+    ts = [torch.randn(s, device="cuda", generator=g).to(dtype) for s in shapes]
+    ts[1].fill_(float("nan"))  # factor 1 must leave it untouched (not even read and rewritten)
+    factors = torch.tensor([0.5, 1.0, 1.0, 3.0, 0.25, 1e-3], device="cuda")
+    ref = [t.clone() for t in ts]
+    torch._foreach_mul_(ref, list(factors.unbind()))
+    ref[1] = ts[1].clone()
+    scale_tensors_(ts, factors)
+    for a, b in zip(ts, ref):
+        assert torch.equal(a, b) or (torch.isnan(a).all() and torch.isnan(b).all())
+
+
+def test_transforms_on_cuda_equal_cpu():
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (3, 4, 5), (1000, 16)]
+    for cls, kw in [(ds.AdaGC, dict(warmup_steps=2)), (ds.GradientStabilizer, {}), (ds.GlobalClip, dict(max_norm=0.1))]:
+        outs = {}
+        for dev in ("cpu", "cuda"):
+            ps = [torch.nn.Parameter(torch.zeros(s, device=dev)) for s in shapes]
+            t = cls([(f"p{i}", p) for i, p in enumerate(ps)], **kw)
+            for step in range(6):
+                g = torch.Generator().manual_seed(step)
+                for i, p in enumerate(ps):
+                    p.grad = (torch.randn(p.shape, generator=g) * (30.0 if step == 4 else 1.0) * (i + 1)).to(dev)
+                t.step()
+            outs[dev] = [p.grad.cpu() for p in ps]
+        for a, b in zip(outs["cpu"], outs["cuda"]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), cls
