@@ -6,14 +6,16 @@ All of them complete their per-tensor statistics with one collective per process
 """
 from .backends import describe, register_describer
 from .comm import comm_log
+from .skip import SkipStep
 from .spec import GroupRef, ShardAxis, ShardedParam, ShardSpec
-from .transforms import AdaGC, GlobalClip, GradientStabilizer, GradTransform, ZClip
+from .spikes import SpikeMonitor
+from .transforms import AdaGC, GlobalClip, GradientStabilizer, GradNorm, GradTransform, ZClip
 from .wrap import WrappedOptimizer, wrap
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaGC", "GlobalClip", "GradientStabilizer", "GradTransform", "GroupRef", "ShardAxis",
-    "ShardSpec", "ShardedParam", "WrappedOptimizer", "ZClip", "comm_log", "describe",
+    "AdaGC", "GlobalClip", "GradNorm", "GradientStabilizer", "GradTransform", "GroupRef", "ShardAxis",
+    "ShardSpec", "ShardedParam", "SkipStep", "SpikeMonitor", "WrappedOptimizer", "ZClip", "comm_log", "describe",
     "register_describer", "wrap",
 ]

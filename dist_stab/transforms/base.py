@@ -63,6 +63,7 @@ class GradTransform:
 
     state_init: Dict[str, float] = {}
     needs_max: bool = False
+    apply_factors: bool = True  # False: measure only (GradNorm)
     tag = "transform"
 
     def __init__(self, params, *, mode: str = "exact", global_group=None, validate: bool = True):
@@ -153,7 +154,8 @@ class GradTransform:
         sumsq = plan.sum_layout.complete(local_sumsq(grads), "sum", self.tag)
         maxabs = plan.max_layout.complete(local_maxabs(grads), "max", self.tag) if plan.max_layout else None
         factors, extra = self._compute(plan, sumsq, maxabs)
-        scale_tensors_(grads, factors)
+        if self.apply_factors:
+            scale_tensors_(grads, factors)
         norms = sumsq.sqrt()
         finite = torch.isfinite(norms)
         global_norm = extra.pop("global_norm", None)
@@ -176,6 +178,20 @@ class GradTransform:
     def _compute(self, plan: _Plan, sumsq: torch.Tensor, maxabs: Optional[torch.Tensor]):
         """Return (per-active-tensor factors, extra stats). Must not sync with the host."""
         raise NotImplementedError
+
+    # ----------------------------------------------------------------- skip support
+    def _tensor_state(self) -> Dict[str, torch.Tensor]:
+        return self.state
+
+    def snapshot(self) -> Dict[str, torch.Tensor]:
+        """Copies of every state tensor, to undo a step with :meth:`restore_where`."""
+        return {k: v.clone() for k, v in self._tensor_state().items()}
+
+    def restore_where(self, snap: Dict[str, torch.Tensor], cond: torch.Tensor) -> None:
+        """Device side: where ``cond`` is true, put the snapshot back (a skipped step)."""
+        for k, v in self._tensor_state().items():
+            if k in snap and snap[k].device == v.device:
+                v.copy_(torch.where(cond, snap[k], v))
 
     # ----------------------------------------------------------------- state dict
     def _scalar_state(self) -> dict:

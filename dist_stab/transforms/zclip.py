@@ -91,14 +91,18 @@ class ZClip(GradTransform):
         new_var = self.alpha * var + (1 - self.alpha) * (x - new_mean).square()
         coef = torch.where(initialized, post_coef, warm_coef)
         coef = torch.where(finite, coef, torch.ones_like(coef))
-        self.zstate = {
-            "buffer": buf, "count": count,
-            "mean": torch.where(now_init, b_mean, torch.where(upd, new_mean, mean)),
-            "var": torch.where(now_init, b_var, torch.where(upd, new_var, var)),
-        }
+        new = {"buffer": buf, "count": count,
+               "mean": torch.where(now_init, b_mean, torch.where(upd, new_mean, mean)),
+               "var": torch.where(now_init, b_var, torch.where(upd, new_var, var))}
+        for k, v in new.items():
+            st[k].copy_(v)
+        self.zstate = st
         return coef.expand(sumsq.shape).contiguous(), {
             "global_norm": g, "zscore": torch.where(initialized, z, torch.zeros_like(z)),
             "spike": initialized & finite & spike}
+
+    def _tensor_state(self):
+        return {**self.state, **{"zclip." + k: v for k, v in self.zstate.items()}}
 
     def _scalar_state(self) -> dict:
         d = super()._scalar_state()

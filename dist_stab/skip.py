@@ -1,0 +1,116 @@
+"""Skip-step policy: drop a whole step, device side, on every rank alike.
+
+A step is skipped when (each test optional)
+
+* ``nonfinite``: a gradient holds NaN/inf (any transform's ``num_nonfinite`` > 0, from reduced
+  per-tensor norms, so every rank agrees) or the reduced loss is not finite;
+* ``loss_z``: the reduced loss is more than ``loss_z`` std above its trailing window;
+* ``grad_z``: the pre-clip global grad norm is more than ``grad_z`` std above its window.
+
+A skipped step leaves the parameters, the optimizer state and every transform's state as they
+were. How the optimizer update is dropped (``mode``):
+
+* optimizers of this package take ``step(step_factor=...)`` and multiply every update and
+  state change by it (OLMo-core's device-side skip) — used automatically;
+* ``"restore"`` (other torch optimizers): parameters and optimizer state are copied before
+  the step and put back with ``torch.where`` (no host sync; costs one copy of parameters and
+  state in memory). The very first step, before the optimizer has created its state, decides
+  on the host once;
+* ``"host_sync"``: ``if not skip: optimizer.step()`` — one host sync per step, no memory.
+
+Every skip is counted (``skipped``) and its step number kept in a device ring of the last
+``log_size`` skips, read by the trainer at log time (DeepSpeed#8415: never skip silently).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if DTensor is not None and isinstance(t, DTensor) else t
+
+
+class SkipStep:
+    def __init__(self, nonfinite: bool = True, loss_z: Optional[float] = None, grad_z: Optional[float] = None,
+                 mode: str = "restore", log_size: int = 256):
+        for name, v in (("loss_z", loss_z), ("grad_z", grad_z)):
+            if v is not None and not (float(v) > 0 and math.isfinite(float(v))):
+                raise ValueError(f"{name} must be > 0 or None, got {v!r}")
+        if mode not in ("restore", "host_sync"):
+            raise ValueError(f"mode must be 'restore' or 'host_sync', got {mode!r}")
+        self.nonfinite, self.loss_z, self.grad_z, self.mode = bool(nonfinite), loss_z, grad_z, mode
+        self.log_size = int(log_size)
+        self.skipped = torch.zeros((), dtype=torch.int64)
+        self.steps = 0  # host-side call counter: the step number written to the log
+        self.log = torch.full((self.log_size,), -1, dtype=torch.int64)
+        self._snap: List[torch.Tensor] = []
+
+    @property
+    def needs_monitor(self) -> bool:
+        return self.loss_z is not None or self.grad_z is not None
+
+    def decide(self, nonfinite_grads: torch.Tensor, obs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Device bool: skip this step?"""
+        skip = torch.zeros((), dtype=torch.bool, device=nonfinite_grads.device)
+        if self.nonfinite:
+            skip = skip | nonfinite_grads
+            if "loss_nonfinite" in obs:
+                skip = skip | obs["loss_nonfinite"]
+        if self.loss_z is not None and "loss_z" in obs:
+            skip = skip | (obs["loss_z"] > self.loss_z)
+        if self.grad_z is not None and "grad_norm_z" in obs:
+            skip = skip | (obs["grad_norm_z"] > self.grad_z)
+        return skip
+
+    def record(self, skip: torch.Tensor) -> None:
+        self.steps += 1
+        if self.skipped.device != skip.device:
+            self.skipped, self.log = self.skipped.to(skip.device), self.log.to(skip.device)
+        slot = (self.skipped % self.log_size).reshape(1)
+        old = self.log.index_select(0, slot)
+        self.log.index_copy_(0, slot, torch.where(skip, torch.full_like(old, self.steps), old))
+        self.skipped += skip.long()
+
+    def skipped_steps(self) -> List[int]:
+        """Step numbers (1-based calls) of the most recent skips. Syncs: call at log time."""
+        log = self.log.cpu()  # host-sync-ok: logging only
+        return sorted(int(s) for s in log.tolist() if s >= 0)  # host-sync-ok: logging only
+
+    # ------------------------------------------------------------ optimizer update
+    def step_optimizer(self, optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+        if getattr(optimizer, "supports_step_factor", False):
+            optimizer.step(step_factor=(~skip).float())
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        first = any(len(optimizer.state.get(p, {})) == 0 for p in params if p.grad is not None)
+        if self.mode == "host_sync" or first:
+            if not bool(skip):  # host-sync-ok: mode="host_sync", or once before state exists
+                optimizer.step()
+            return
+        tensors = [_local(p.detach()) for p in params]
+        for p in params:
+            tensors += [_local(v) for v in optimizer.state[p].values() if torch.is_tensor(v)]
+        if len(self._snap) != len(tensors) or any(a.shape != b.shape for a, b in zip(self._snap, tensors)):
+            self._snap = [t.clone() for t in tensors]
+        else:
+            torch._foreach_copy_(self._snap, tensors)
+        optimizer.step()
+        tensors_after = [_local(p.detach()) for p in params]
+        for p in params:
+            tensors_after += [_local(v) for v in optimizer.state[p].values() if torch.is_tensor(v)]
+        for new, old in zip(tensors_after, self._snap):
+            new.copy_(torch.where(skip.to(new.device), old, new))
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped.clone(), "log": self.log.clone(), "steps": self.steps}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.skipped, self.log, self.steps = sd["skipped"].clone(), sd["log"].clone(), int(sd["steps"])

@@ -1,0 +1,135 @@
+"""Spike statistics of the training loss and the pre-clip global gradient norm, on device.
+
+For each series x (the reduced loss, the global grad norm) the monitor keeps a ring buffer of
+the last ``window`` finite values (default 1000, the AdaGC paper's metric) and, at step t,
+compares x_t with the mean and (unbiased) std of that trailing window, which **excludes**
+x_t::
+
+    z_t      = (x_t - mean) / std
+    spike_t  = z_t > sigma                  (one-sided; ``spike_abs``: |z_t| > sigma)
+    score    = 100 * #loss spikes / #steps   (AdaGC's spike score, sigma = 10)
+
+No decision is taken before ``min_history`` values are in the window. A non-finite x_t is
+flagged ``nonfinite``, is not a spike and is not added to the window.
+
+Identical on every rank: the grad norm comes already reduced from the transforms (no extra
+collective); the loss is averaged over ``group`` with one 1-element all-reduce (skip it with
+``reduce_loss=False`` when the loss passed in is already global). Nothing syncs with the host.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .spec import GroupRef
+
+SERIES = ("loss", "grad_norm")
+
+
+class SpikeMonitor:
+    def __init__(self, window: int = 1000, sigma: float = 10.0, min_history: int = 20, group=None,
+                 reduce_loss: bool = True):
+        if int(window) != window or window < 2:
+            raise ValueError(f"window must be an integer >= 2, got {window!r}")
+        if not (float(sigma) > 0 and math.isfinite(float(sigma))):
+            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        if int(min_history) != min_history or not (2 <= min_history <= window):
+            raise ValueError(f"min_history must be an integer in [2, window], got {min_history!r}")
+        self.window, self.sigma, self.min_history = int(window), float(sigma), int(min_history)
+        self.reduce_loss = reduce_loss
+        self._group = group
+        self.state: Dict[str, torch.Tensor] = {}
+        for s in SERIES:
+            self.state[f"{s}_buf"] = torch.zeros(self.window, dtype=torch.float64)
+            self.state[f"{s}_count"] = torch.zeros((), dtype=torch.int64)  # finite values seen
+            self.state[f"{s}_spikes"] = torch.zeros((), dtype=torch.int64)
+        self.state["steps"] = torch.zeros((), dtype=torch.int64)
+
+    def _to(self, device) -> None:
+        for k, v in self.state.items():
+            if v.device != device:
+                self.state[k] = v.to(device)
+
+    def _reduce(self, loss: torch.Tensor) -> torch.Tensor:
+        if not (self.reduce_loss and dist.is_available() and dist.is_initialized()):
+            return loss
+        group = self._group
+        ref = group if isinstance(group, GroupRef) else GroupRef.of("spike_loss", group)
+        buf = loss.detach().float().reshape(1).clone()
+        comm.all_reduce(buf, "sum", ref, "SpikeMonitor")
+        return (buf / ref.size).reshape(())
+
+    def zscore(self, name: str, x: torch.Tensor):
+        """(z, ready) of x against the current window of series ``name`` (window not updated)."""
+        buf, count = self.state[f"{name}_buf"], self.state[f"{name}_count"]
+        n = count.clamp(max=self.window).to(torch.float64)
+        valid = torch.arange(self.window, device=buf.device) < n
+        mean = torch.where(valid, buf, 0.0).sum() / n.clamp(min=1)
+        var = torch.where(valid, (buf - mean) ** 2, 0.0).sum() / (n - 1).clamp(min=1)
+        std = var.sqrt()
+        xd = x.to(torch.float64)
+        z = (xd - mean) / std.clamp(min=1e-12 * mean.abs().clamp(min=1e-30))
+        ready = n >= self.min_history
+        return torch.where(ready, z, torch.zeros_like(z)), ready
+
+    def observe(self, loss: Optional[torch.Tensor] = None, grad_norm: Optional[torch.Tensor] = None):
+        """Score this step's values against the trailing windows. Returns device tensors per series:
+        ``{name}`` (the value used), ``{name}_z``, ``{name}_spike``, ``{name}_spike_abs``,
+        ``{name}_nonfinite``. Call :meth:`commit` afterwards to add them to the windows."""
+        out: Dict[str, torch.Tensor] = {}
+        values = {"loss": self._reduce(loss) if loss is not None else None, "grad_norm": grad_norm}
+        for name, x in values.items():
+            if x is None:
+                continue
+            x = x.detach().reshape(())
+            self._to(x.device)
+            z, ready = self.zscore(name, x)
+            finite = torch.isfinite(x)
+            out[name] = x
+            out[f"{name}_z"] = z
+            out[f"{name}_spike"] = ready & finite & (z > self.sigma)
+            out[f"{name}_spike_abs"] = ready & finite & (z.abs() > self.sigma)
+            out[f"{name}_nonfinite"] = ~finite
+        self._pending = out
+        return out
+
+    def commit(self) -> Dict[str, torch.Tensor]:
+        """Add the observed values to the windows and count spikes; returns the running scores."""
+        out = getattr(self, "_pending", None) or {}
+        if out:
+            self.state["steps"] += 1
+        for name in SERIES:
+            if name not in out:
+                continue
+            x, finite = out[name], ~out[f"{name}_nonfinite"]
+            buf, count = self.state[f"{name}_buf"], self.state[f"{name}_count"]
+            slot = (count % self.window).reshape(1)
+            keep = buf.index_select(0, slot)
+            buf.index_copy_(0, slot, torch.where(finite, x.to(torch.float64).reshape(1), keep))
+            count += finite.long()
+            self.state[f"{name}_spikes"] += out[f"{name}_spike"].long()
+        self._pending = None
+        return self.scores()
+
+    def update(self, loss=None, grad_norm=None):
+        """observe + commit."""
+        out = self.observe(loss, grad_norm)
+        out.update(self.commit())
+        return out
+
+    def scores(self) -> Dict[str, torch.Tensor]:
+        steps = self.state["steps"].clamp(min=1).to(torch.float64)
+        return {f"{s}_spike_score": 100.0 * self.state[f"{s}_spikes"].to(torch.float64) / steps for s in SERIES}
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "sigma": self.sigma, "min_history": self.min_history,
+                "state": {k: v.detach().clone() for k, v in self.state.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["window"] != self.window:
+            raise ValueError(f"saved window {sd['window']} differs from this monitor's {self.window}")
+        self.state = {k: torch.as_tensor(v).clone() for k, v in sd["state"].items()}
