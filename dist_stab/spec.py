@@ -108,6 +108,8 @@ class ShardedParam:
     param: torch.Tensor
     local_grad: Callable[[], Optional[torch.Tensor]]
     local_param: Callable[[], torch.Tensor]
+    kind: str = "custom"  # "plain" / "dtensor": the grad is param.grad (its local tensor); lets
+    # transforms collect thousands of grads without a Python call per parameter
 
     @property
     def fqn(self) -> str:

@@ -11,6 +11,7 @@ from typing import List, Sequence
 
 import torch
 
+from .kernels import sumsq_tensors
 from .spec import ShardSpec
 
 
@@ -20,10 +21,7 @@ def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
 
 def local_sumsq(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """fp32 vector of sum(g^2) per tensor (one fused pass; empty pieces give 0)."""
-    if not grads:
-        return torch.zeros(0)
-    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)
-    return torch.stack(norms).square()
+    return sumsq_tensors(grads)
 
 
 def local_maxabs(grads: Sequence[torch.Tensor]) -> torch.Tensor:

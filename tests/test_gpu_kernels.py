@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dist_stab as ds
-from dist_stab.kernels import scale_tensors_
+from dist_stab.kernels import scale_tensors_, sumsq_tensors
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -16,9 +16,14 @@ def test_scale_tensors_matches_foreach_and_skips_factor_one(dtype):
     ts = [torch.randn(s, device="cuda", generator=g).to(dtype) for s in shapes]
     ts[1].fill_(float("nan"))  # factor 1 must leave it untouched (not even read and rewritten)
     factors = torch.tensor([0.5, 1.0, 1.0, 3.0, 0.25, 1e-3], device="cuda")
-    ref = [t.clone() for t in ts]
-    torch._foreach_mul_(ref, list(factors.unbind()))
+    ref = [(t.float() * f).to(dtype) for t, f in zip(ts, factors.tolist())]  # fp32 product, rounded once
     ref[1] = ts[1].clone()
+    sumsq = sumsq_tensors(ts)
+    expect = torch.stack([t.double().square().sum() for t in ts])
+    assert torch.isnan(sumsq[1])
+    keep = [0, 2, 3, 4, 5]
+    assert torch.allclose(sumsq[keep].double(), expect[keep], rtol=1e-5), (sumsq, expect)
+    assert sumsq[4] == 0  # empty tensor
     scale_tensors_(ts, factors)
     for a, b in zip(ts, ref):
         assert torch.equal(a, b) or (torch.isnan(a).all() and torch.isnan(b).all())

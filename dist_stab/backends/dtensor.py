@@ -65,11 +65,9 @@ def describe(fqn: str, p: torch.Tensor) -> Optional[ShardedParam]:
         g = p.grad
         if g is None:
             return None
-        if isinstance(g, DTensor):
-            if tuple(g.placements) != tuple(placements):
-                raise ValueError(f"{fqn}: grad placements {g.placements} differ from the "
-                                 f"parameter's {placements}")
-            return g._local_tensor
-        return g
+        if not isinstance(g, DTensor) or tuple(g.placements) != tuple(placements):
+            raise ValueError(f"{fqn}: the grad must be a DTensor placed like its parameter "
+                             f"({placements}), got {type(g).__name__} {getattr(g, 'placements', '')}")
+        return g._local_tensor
 
-    return ShardedParam(spec, p, local_grad=local_grad, local_param=lambda: p._local_tensor.detach())
+    return ShardedParam(spec, p, local_grad=local_grad, local_param=lambda: p._local_tensor.detach(), kind="dtensor")

@@ -80,7 +80,32 @@ class GradTransform:
         self.state: Dict[str, torch.Tensor] = {
             k: torch.full((len(self.shards),), v, dtype=torch.float32) for k, v in self.state_init.items()}
         self._plans: Dict[tuple, _Plan] = {}
+        self._all: Optional[List[int]] = None
         self._device: Optional[torch.device] = None
+
+    # ----------------------------------------------------------------- gradients
+    def _collect(self):
+        """Local gradient pieces of the params that have one, and their indices."""
+        kinds = {s.kind for s in self.shards}
+        if kinds == {"plain"} or kinds == {"dtensor"}:
+            params = [s.param for s in self.shards]
+            raw = [p.grad for p in params]
+            if all(g is not None for g in raw):
+                active = list(range(len(raw))) if self._all is None else self._all
+                self._all = active
+                if kinds == {"dtensor"}:
+                    if tuple(active) not in self._plans:  # placements checked once per plan
+                        raw = [s.local_grad() for s in self.shards]
+                    else:
+                        raw = [g._local_tensor for g in raw]
+                return raw, active
+        grads, active = [], []
+        for i, s in enumerate(self.shards):
+            g = s.local_grad()
+            if g is not None:
+                grads.append(g)
+                active.append(i)
+        return grads, active
 
     # ----------------------------------------------------------------- planning
     def _plan(self, active: List[int], device) -> _Plan:
@@ -137,12 +162,7 @@ class GradTransform:
         ``num_nonfinite``.
         """
         self.num_steps += 1
-        grads, active = [], []
-        for i, s in enumerate(self.shards):
-            g = s.local_grad()
-            if g is not None:
-                grads.append(g)
-                active.append(i)
+        grads, active = self._collect()
         device = grads[0].device if grads else (self._device or torch.device("cpu"))
         self._to_device(device)
         P = len(self.shards)
