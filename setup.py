@@ -12,6 +12,7 @@ TEST = [
     "pytorch-optimizer==4.1.0",  # reference for StableSPAM / SPAM tests
     "tokenizers==0.23.3",
     "PyYAML==6.0.3",
+    "matplotlib==3.11.2",
 ]
 
 setup(
@@ -24,7 +25,7 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "test": TEST,
-        "train": ["tokenizers==0.23.3", "PyYAML==6.0.3"],
+        "train": ["tokenizers==0.23.3", "PyYAML==6.0.3", "matplotlib==3.11.2"],
         "deepspeed": ["deepspeed==0.19.8"],
         "megatron": ["megatron-core==0.16.1"],
     },
