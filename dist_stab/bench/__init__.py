@@ -1,0 +1,1 @@
+"""Benchmarks (run as ``python -m dist_stab.bench.<name>``)."""
