@@ -76,6 +76,19 @@ class TransformConfig:
 
 
 @dataclass
+class SpikesConfig:
+    """Spike statistics (dist_stab.SpikeMonitor) and the skip-step policy (dist_stab.SkipStep)."""
+
+    window: int = 1000  # trailing window of the loss / grad-norm statistics (AdaGC's spike score: 1000)
+    sigma: float = 10.0  # a spike is > sigma std above the trailing mean (AdaGC's spike score: 10)
+    min_history: int = 20  # no decision before this many values are in the window
+    skip_nonfinite: bool = True  # skip the whole step (all ranks) when a gradient or the loss is NaN/inf
+    skip_loss_z: Optional[float] = None  # also skip when the loss is more than z std above its window
+    skip_grad_z: Optional[float] = None  # also skip when the pre-clip grad norm is more than z std above its window
+    skip_mode: str = "restore"  # restore (device side, keeps a copy of params+state) | host_sync (one sync per step)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps
     global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
@@ -86,6 +99,7 @@ class TrainConfig:
     stop_after: Optional[int] = None  # end this process after step N (a job-time slice); the schedule still spans `steps`
     meta_init: bool = False  # build on the meta device and initialise after sharding (large models)
     num_threads: Optional[int] = None  # torch.set_num_threads; None leaves OMP_NUM_THREADS in charge
+    inject_nan_at: Optional[int] = None  # fault injection: a NaN in one gradient element on rank 0 at this step
 
 
 @dataclass
@@ -119,6 +133,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
+    spikes: SpikesConfig = field(default_factory=SpikesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)

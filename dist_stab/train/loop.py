@@ -114,7 +114,12 @@ class Trainer:
         # ---- optimizer and transforms
         self.inner_opt = build_optimizer(cfg.optim, self.model, total_steps=cfg.train.steps)
         self.transforms = build_transforms(cfg.transform, self.model)
-        self.opt = dist_stab.wrap(self.inner_opt, *self.transforms) if self.transforms else self.inner_opt
+        sp = cfg.spikes
+        self.monitor = dist_stab.SpikeMonitor(window=sp.window, sigma=sp.sigma, min_history=sp.min_history)
+        self.skip = dist_stab.SkipStep(nonfinite=sp.skip_nonfinite, loss_z=sp.skip_loss_z, grad_z=sp.skip_grad_z,
+                                       mode=sp.skip_mode)
+        self.opt = dist_stab.wrap(self.inner_opt, *self.transforms, skip=self.skip, monitor=self.monitor)
+        self.stateful = [*self.transforms, self.monitor, self.skip]  # saved with the checkpoint
         ac = cfg.train.autocast
         use_bf16 = ac == "bf16" or (ac == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
@@ -125,7 +130,7 @@ class Trainer:
         if cfg.checkpoint.load or cfg.checkpoint.resume:
             path = Path(cfg.checkpoint.load) if cfg.checkpoint.load else checkpoint.latest(self.ckpt_dir)
             if path is not None:
-                self.step = checkpoint.load(path, self.model, self.inner_opt, self.transforms)
+                self.step = checkpoint.load(path, self.model, self.inner_opt, self.stateful)
                 self.loaded_checkpoint = str(path)
                 self.log(f"resumed from {path} at step {self.step}")
         self.tally = report.CommTally()
@@ -184,15 +189,23 @@ class Trainer:
                 loss = self.loss_fn(x, y) / self.accum
                 loss.backward()
             loss_sum += loss.detach()
+        if cfg.train.inject_nan_at == step and self.rank == 0:  # fault injection (tests, demos)
+            p = next(p for p in self.model.parameters() if p.grad is not None)
+            g = p.grad._local_tensor if hasattr(p.grad, "_local_tensor") else p.grad
+            if g.numel():
+                g.view(-1)[0] = float("nan")
         n_before = len(comm_log.records)
-        self.opt.step()
-        calls, nbytes = self.tally.add_step(comm_log.records[n_before:])
+        self.opt.step(loss=loss_sum)
+        calls, nbytes = self.tally.add_step([r for r in comm_log.records[n_before:] if r.tag != "SpikeMonitor"])
         comm_log.clear()
         self.opt.zero_grad(set_to_none=True)
         out = {"loss": loss_sum, "lr": lr, "comm_calls": calls, "comm_bytes": nbytes}
+        st = self.opt.last_stats[self.transforms[0].tag if self.transforms else "GradNorm"]
+        out.update(grad_norm=st["global_norm"], num_nonfinite=st["num_nonfinite"])
         if self.transforms:
-            st = self.opt.last_stats[self.transforms[0].tag]
-            out.update(grad_norm=st["global_norm"], num_clipped=st["num_clipped"], num_nonfinite=st["num_nonfinite"])
+            out["num_clipped"] = st["num_clipped"]
+        sp = self.opt.last_stats["spikes"]
+        out.update(loss_spike=sp["loss_spike"], grad_spike=sp["grad_norm_spike"], skipped=sp["skip"])
         return out
 
     def _flush(self, pending: List[tuple], t_interval: float) -> Optional[dict]:
@@ -200,7 +213,8 @@ class Trainer:
         if not pending:
             return None
         losses = self._mean_over_ranks(torch.stack([p[1]["loss"] for p in pending])).tolist()
-        keys = [k for k in ("grad_norm", "num_clipped", "num_nonfinite") if k in pending[0][1]]
+        keys = [k for k in ("grad_norm", "num_clipped", "num_nonfinite", "loss_spike", "grad_spike", "skipped")
+                if k in pending[0][1]]
         stats = {k: torch.stack([p[1][k].float() for p in pending]).tolist() for k in keys}
         tok_s = self.tokens_per_step * len(pending) / max(t_interval, 1e-9)
         rec = None
@@ -209,13 +223,22 @@ class Trainer:
                    "step_time_s": dt, "tokens_per_s": self.tokens_per_step / max(dt, 1e-9),
                    "comm_calls": o["comm_calls"], "comm_bytes": o["comm_bytes"]}
             for k in keys:
-                rec[k] = int(stats[k][i]) if k.startswith("num_") else stats[k][i]
+                rec[k] = stats[k][i] if k == "grad_norm" else int(stats[k][i])
             self._write(rec)
+            if rec.get("skipped"):
+                self.log(f"step {step:>5d} | SKIPPED (non-finite gradient or loss, or a spike beyond the skip "
+                         f"threshold): parameters and all optimizer/transform state left unchanged")
+            if rec.get("loss_spike") or rec.get("grad_spike"):
+                self.log(f"step {step:>5d} | spike: loss {'yes' if rec.get('loss_spike') else 'no'}, "
+                         f"grad norm {'yes' if rec.get('grad_spike') else 'no'} (> {self.cfg.spikes.sigma:g} std "
+                         f"above the trailing {self.cfg.spikes.window}-step window)")
         rec = dict(rec, tokens_per_s_interval=tok_s)
         gn = f"{rec['grad_norm']:.3f}" if "grad_norm" in rec else "-"
         clip = f"{rec['num_clipped']:>3d}/{len(self.transforms[0].fqns)}" if "num_clipped" in rec else "-"
+        n_spk = sum(int(stats.get("loss_spike", [0] * len(pending))[i]) for i in range(len(pending)))
         self.log(f"step {rec['step']:>5d}/{self.cfg.train.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                 f"grad norm {gn} | clipped {clip} | {tok_s:,.0f} tok/s | {1000 * t_interval / len(pending):.0f} ms/step")
+                 f"grad norm {gn} | clipped {clip} | loss spikes {n_spk} | skipped {int(self.skip.skipped)} | "
+                 f"{tok_s:,.0f} tok/s | {1000 * t_interval / len(pending):.0f} ms/step")
         return rec
 
     def _reshard(self) -> None:
@@ -261,7 +284,7 @@ class Trainer:
             ck = cfg.checkpoint
             if (ck.every and step % ck.every == 0) or (ck.at_end and is_last):
                 self._reshard()
-                p = checkpoint.save(self.ckpt_dir, step, self.model, self.inner_opt, self.transforms, ck.keep,
+                p = checkpoint.save(self.ckpt_dir, step, self.model, self.inner_opt, self.stateful, ck.keep,
                                     extra={"config": cfg.to_dict()})
                 self.log(f"saved checkpoint {p}")
                 t_last = time.perf_counter()
@@ -283,6 +306,10 @@ class Trainer:
             "final_val_loss": val, "wall_s": wall,
             "tokens_per_s": self.tokens_per_step * steps_run / max(wall, 1e-9),
             "total_clipped": sum(r.get("num_clipped", 0) for r in self.history if "loss" in r),
+            "loss_spikes": sum(r.get("loss_spike", 0) for r in self.history if "loss" in r),
+            "grad_spikes": sum(r.get("grad_spike", 0) for r in self.history if "loss" in r),
+            **{k: float(v) for k, v in self.monitor.scores().items()},
+            "skipped": int(self.skip.skipped), "skipped_steps": self.skip.skipped_steps(),
             "comm_calls_per_step": calls, "comm_bytes_per_step": nbytes,
             "comm": rows, "comm_reference": refs, "resumed_from": self.loaded_checkpoint,
         }

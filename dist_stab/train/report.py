@@ -143,7 +143,7 @@ def compare_runs(run_dirs) -> str:
     """A table of several runs: loss, val loss, clipping, throughput and communication per step."""
     runs = [load_run(d) for d in run_dirs]
     head = (f"{'run':<24} {'loss@1':>7} {'loss@end':>8} {'val@end':>8} {'clip events':>11} {'tok/s':>7} "
-            f"{'wall s':>6} {'coll/step':>9} {'bytes/step':>10}")
+            f"{'wall s':>6} {'coll/step':>9} {'bytes/step':>10} {'loss spikes':>11} {'skipped':>7}")
     lines = [head, "-" * len(head)]
     for r in runs:
         s, st = r["summary"], r["steps"]
@@ -154,7 +154,8 @@ def compare_runs(run_dirs) -> str:
         clipped = sum(x.get("num_clipped", 0) for x in st)
         lines.append(f"{name[:24]:<24} {first:>7.3f} {last:>8.3f} {val:>8.3f} {clipped:>11d} "
                      f"{s.get('tokens_per_s', float('nan')):>7.0f} {s.get('wall_s', float('nan')):>6.1f} "
-                     f"{s.get('comm_calls_per_step', 0):>9.2f} {_fmt_bytes(s.get('comm_bytes_per_step')):>10}")
+                     f"{s.get('comm_calls_per_step', 0):>9.2f} {_fmt_bytes(s.get('comm_bytes_per_step')):>10} "
+                     f"{s.get('loss_spikes', 0):>11d} {s.get('skipped', 0):>7d}")
     for r in runs:
         s = r["summary"]
         name = s.get("name") or r["dir"]
@@ -167,7 +168,10 @@ def compare_runs(run_dirs) -> str:
         lines.append(f"  vs {ref['method']}: {calls} collectives/step, {_fmt_bytes(ref['bytes_per_step'])}/step "
                      f"({ref['note']})")
     lines.append("clip events: sum over steps of tensors whose gradient was scaled down (global clipping "
-                 "scales all tensors at once)")
+                 "scales all tensors at once); loss spikes: steps whose loss was > sigma std above the trailing "
+                 "window (spike score = 100 x spikes / steps); skipped: steps dropped by the skip policy")
+    lines.append("collectives per step above are the stability transform's; the spike monitor adds one 4-byte "
+                 "loss all-reduce per step")
     return "\n".join(lines)
 
 
