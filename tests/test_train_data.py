@@ -92,5 +92,26 @@ def test_trainer_runs_every_transform_in_process(tmp_path, transform):
     steps = [r for r in recs if "loss" in r and not r.get("summary")]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in steps)
-    assert ("grad_norm" in steps[0]) == (transform != "none")
+    assert all(np.isfinite(r["grad_norm"]) for r in steps)  # with no transform: measured by the skip policy's probe
+    assert ("num_clipped" in steps[0]) == (transform != "none")
+    assert all(r["skipped"] == 0 and r["loss_spike"] == 0 for r in steps)
     assert summary["comm"] == [] and summary["final_loss"] == steps[-1]["loss"]
+
+
+def test_trainer_skips_an_injected_nan_step_and_reports_it(tmp_path):
+    from dist_stab.train.config import load_config
+    from dist_stab.train.loop import Trainer
+
+    lines = []
+    cfg = load_config(None, [f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=512", "data.seq_len=32",
+                             "data.max_train_chars=200000", "model.size=tiny-test", "parallel.mode=none",
+                             "train.steps=6", "train.global_batch_size=2", "train.micro_batch_size=2",
+                             "train.inject_nan_at=4", "eval.every=0", "log.every=2", "transform.name=adagc",
+                             "transform.adagc.warmup_steps=2", f"log.run_dir={tmp_path / 'run'}"])
+    summary = Trainer(cfg, log_fn=lines.append).fit()
+    assert summary["skipped"] == 1 and summary["skipped_steps"] == [4]
+    assert np.isfinite(summary["final_loss"])
+    assert any("step     4 | SKIPPED" in x for x in lines), lines
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in recs if "skipped" in r] == [0, 0, 0, 1, 0, 0]
+    assert [r["num_nonfinite"] for r in recs if "num_nonfinite" in r] == [0, 0, 0, 1, 0, 0]
