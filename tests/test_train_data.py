@@ -1,4 +1,5 @@
 """Reference trainer data: offline byte-level BPE, cached token files, world-size independent batches."""
+import json
 import lzma
 from types import SimpleNamespace
 
