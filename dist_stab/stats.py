@@ -11,7 +11,7 @@ from typing import List, Sequence
 
 import torch
 
-from .kernels import sumsq_tensors
+from .kernels import _norms_fp32, sumsq_tensors
 from .spec import ShardSpec
 
 
@@ -29,10 +29,10 @@ def local_maxabs(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     out = torch.zeros(len(grads), dtype=torch.float32, device=_device_of(grads))
     idx = [i for i, g in enumerate(grads) if g.numel() > 0]  # shapes are static: no host sync
     if idx:
-        maxes = torch._foreach_norm([grads[i] for i in idx], float("inf"), dtype=torch.float32)
+        maxes = _norms_fp32([grads[i] for i in idx], float("inf"))
         if len(idx) == len(grads):
-            return torch.stack(maxes)
-        out[idx] = torch.stack(maxes)
+            return maxes
+        out[idx] = maxes
     return out
 
 

@@ -1,7 +1,7 @@
 """Backends turn parameters into :class:`~dist_stab.spec.ShardedParam` descriptions, nothing more.
 
 ``describe(params)`` accepts a module, ``named_parameters()`` pairs, or bare tensors, and asks
-each registered describer in turn (DTensor, then plain tensors). Engines that keep gradients
+each registered describer in turn (Megatron TP attributes, DTensor, then plain tensors). Engines that keep gradients
 outside ``param.grad`` (DeepSpeed ZeRO, Megatron's distributed optimizer) build their own
 ``ShardedParam`` lists and pass them to the transforms directly.
 """
@@ -14,9 +14,10 @@ import torch
 from ..spec import ShardedParam, check_unique_fqns
 from . import dtensor as _dtensor
 from . import local as _local
+from . import megatron as _megatron  # attribute checks only; megatron-core is imported lazily
 
 Describer = Callable[[str, torch.Tensor], Optional[ShardedParam]]
-_DESCRIBERS: List[Describer] = [_dtensor.describe, _local.describe]
+_DESCRIBERS: List[Describer] = [_megatron.describe, _dtensor.describe, _local.describe]
 
 
 def register_describer(fn: Describer, first: bool = True) -> None:

@@ -33,6 +33,13 @@ def _split(tensors: Sequence[torch.Tensor]):
     return groups, rest
 
 
+def _norms_fp32(tensors: Sequence[torch.Tensor], ord) -> torch.Tensor:
+    """Per-tensor norms as fp32; fp64 tensors are reduced in fp64 (``_foreach_norm`` cannot narrow)."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.stack([torch.linalg.vector_norm(t, ord).float() for t in tensors])
+    return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+
+
 def sumsq_tensors(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(0)
@@ -44,9 +51,9 @@ def sumsq_tensors(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         for idx in groups.values():
             out[idx] = _mt.sumsq([tensors[i] for i in idx])
         if rest:
-            out[rest] = torch.stack(torch._foreach_norm([tensors[i] for i in rest], 2, dtype=torch.float32)).square()
+            out[rest] = _norms_fp32([tensors[i] for i in rest], 2).square()
         return out
-    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32)).square()
+    return _norms_fp32(tensors, 2).square()
 
 
 def scale_tensors_(tensors: Sequence[torch.Tensor], factors: torch.Tensor) -> None:
