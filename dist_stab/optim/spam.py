@@ -1,0 +1,186 @@
+"""SPAM: spike-aware Adam with momentum reset (Huang et al., arXiv 2501.06842, ICLR 2025)."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_int, check_lr, check_nonneg,
+                    local_tensor, pack_scalars)
+
+
+def warmup_scale(current_step: int, warmup_steps: int) -> float:
+    """1 - CosineDecay(0.99, N)(c): 1 - 0.99 * (1 + cos(pi * min(c + 1, N + 1) / (N + 1))) / 2.
+
+    The values of the authors' ``CosineDecay`` (torch ``CosineAnnealingLR``, ``T_max = N + 1``),
+    as in pytorch-optimizer 4.1.0: 0.0101 at the reset step for N = 150, 1 from c = N on.
+    """
+    N = int(warmup_steps)
+    if N <= 0:
+        return 1.0
+    x = min(current_step + 1, N + 1)
+    return 1.0 - 0.99 * (1.0 + math.cos(math.pi * x / (N + 1))) / 2.0
+
+
+# Scalar row: [1-b1, b2, clip_on, threshold, step_size, eps, decay]
+def _spam_update(p, g, m, v, sc):
+    gf = g.to(sc.dtype)
+    ok = torch.isfinite(gf)
+    mf, vf, pf = m.to(sc.dtype), v.to(sc.dtype), p.to(sc.dtype)
+    bound = (sc[3] * vf).sqrt()
+    gc = torch.where(sc[2] > 0, torch.minimum(torch.maximum(gf, -bound), bound), gf)  # = sign(g) sqrt(thr v) if g^2 > thr v
+    mn = mf + sc[0] * (gc - mf)
+    vn = vf * sc[1] + (1.0 - sc[1]) * (gc * gc)
+    new = (pf - sc[4] * (mn / (vn.sqrt() + sc[5]))) * sc[6]
+    m.copy_(torch.where(ok, mn, mf))
+    v.copy_(torch.where(ok, vn, vf))
+    p.copy_(torch.where(ok, new, pf))
+
+
+def _spam_many(ps, gs, ms, vs, sc):
+    for j, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
+        _spam_update(p, g, m, v, sc[j])
+
+
+K_SPAM = Kernel(_spam_many)
+
+
+def spam_step(items: Sequence[OptItem], *, total_step: int, current_step: int, moment_step: int,
+              fused: bool = False) -> None:
+    """One SPAM step on local pieces (element-wise: no collective).
+
+    ``total_step`` = steps done before this one (the reset/clip schedule uses ``cs = total_step + 1``),
+    ``current_step`` = steps since the last warm-up restart, ``moment_step`` = k (never reset).
+    ``item.state``: ``exp_avg``, ``exp_avg_sq``; ``item.hp``: ``lr``, ``betas``, ``eps``,
+    ``weight_decay``, ``threshold``, ``reset_interval``, ``warmup_steps``, ``grad_accu_steps``.
+    """
+    if not items:
+        return
+    device = items[0].param.device
+    sdt = torch.float64 if any(it.param.dtype == torch.float64 for it in items) else torch.float32
+    cs, k = int(total_step) + 1, int(moment_step)
+    to_zero = []
+    rows = []
+    for it in items:
+        hp = it.hp
+        dT, G, th = int(hp["reset_interval"]), int(hp["grad_accu_steps"]), float(hp["threshold"])
+        if dT > 0 and cs % dT == 0:
+            to_zero += [it.state["exp_avg"], it.state["exp_avg_sq"]]
+        clip = th != 0 and cs >= G and (dT == 0 or cs % dT >= G)
+        b1, b2 = (float(b) for b in hp["betas"])
+        lr, wd = float(hp["lr"]), float(hp["weight_decay"])
+        scale = warmup_scale(current_step, int(hp["warmup_steps"]))
+        step_size = lr * scale * math.sqrt(1.0 - b2 ** k) / (1.0 - b1 ** k)
+        rows.append((1.0 - b1, b2, 1.0 if clip else 0.0, th, step_size, float(hp["eps"]), 1.0 - lr * wd))
+    if to_zero:
+        torch._foreach_zero_(to_zero)
+    sc = pack_scalars(rows, device, sdt, 7)
+    fused_ = bool(fused)
+    K_SPAM(fused_, [it.param for it in items], [it.grad for it in items], [it.state["exp_avg"] for it in items],
+           [it.state["exp_avg_sq"] for it in items], sc)
+
+
+class SPAM(ShardedOptimizer):
+    r"""SPAM (arXiv 2501.06842): Adam with spike clipping, periodic momentum reset and a post-reset warm-up.
+
+    With cs = 1-based global step, k = Adam step (never reset), per element::
+
+        if cs % reset_interval == 0:  m, v <- 0                    (k is NOT reset)
+        if cs >= G and cs % reset_interval >= G:                   (G = grad_accu_steps)
+            g <- sign(g) * sqrt(threshold * v)   where g^2 > threshold * v     (v: previous)
+        m <- b1 m + (1-b1) g ;  v <- b2 v + (1-b2) g^2
+        p <- p - lr * w(c) * sqrt(1-b2^k)/(1-b1^k) * m / (sqrt(v) + eps)
+        p <- p * (1 - lr*wd)                                        (decoupled, after the update)
+
+    ``w(c) = 1 - 0.99*(1 + cos(pi*min(c+1, N+1)/(N+1)))/2`` restarts (c = 0) on each reset step
+    and reaches 1 after ``warmup_steps`` = N steps (see :func:`warmup_scale`).
+
+    Args (defaults: the authors' constructor, TianjinYellow/SPAM-Optimizer ``SPAM.py``):
+        lr: 1e-3.  betas: (0.9, 0.999).  threshold: 5000 (0 disables clipping).
+        reset_interval: 500 (``DeltaT``; 0 disables resets).  warmup_steps: 150 (paper; the
+        released launcher passes the LR warm-up, 1000; pytorch-optimizer's default is 50).
+        grad_accu_steps: 20.  eps: 1e-6.  weight_decay: 0.
+        fused: compile the element-wise kernel (None: on CUDA when Triton is available).
+
+    Distributed: none needed; every operation is element-wise on the local piece, so any
+    sharding gives the same result with zero collectives. Moments are DTensors with the
+    parameter's placements for DTensor parameters.
+
+    Bad input: non-finite gradient entries are skipped element-wise (parameter, m and v keep
+    their values, no weight decay there); decided locally per element, so it is the same on
+    any mesh.
+
+    Deviations: no random sparse masks (density 1 only; the authors' and pytorch-optimizer's
+    masks at density 1 select every entry, so the math is the same without them).
+    """
+
+    tag = "SPAM"
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), threshold: float = 5000,
+                 reset_interval: int = 500, warmup_steps: int = 150, grad_accu_steps: int = 20,
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, fused: Optional[bool] = None):
+        check_lr("lr", lr)
+        check_betas("betas", betas)
+        check_nonneg("threshold", threshold)
+        check_int("reset_interval", reset_interval, 0)
+        check_int("warmup_steps", warmup_steps, 0)
+        check_int("grad_accu_steps", grad_accu_steps, 0)
+        check_nonneg("eps", eps, positive=True)
+        check_nonneg("weight_decay", weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), threshold=threshold, reset_interval=reset_interval,
+                        warmup_steps=warmup_steps, grad_accu_steps=grad_accu_steps, eps=eps,
+                        weight_decay=weight_decay)
+        super().__init__(params, defaults, fused=fused)
+        for g in self.param_groups:
+            self._init_counters(g)
+
+    def _init_counters(self, g: dict) -> None:
+        g.setdefault("total_step", 0)
+        g.setdefault("current_step", int(g["warmup_steps"]) + 1)
+        g.setdefault("step", 0)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        first = self.param_groups[0]
+        for key in ("total_step", "current_step", "step"):
+            if key in first:
+                self.param_groups[-1].setdefault(key, first[key])
+        self._init_counters(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        g0 = self.param_groups[0]
+        total, current, k = int(g0["total_step"]), int(g0["current_step"]), int(g0["step"]) + 1
+        items: List[OptItem] = []
+        for group, p, sp, g in self._collect():
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            local = {k_: local_tensor(v) for k_, v in st.items()}
+            items.append(OptItem(sp.spec, sp.local_param(), g, local, group))
+        # moments of parameters without a gradient are reset on schedule too
+        cs = total + 1
+        with_grad = {id(it.state["exp_avg"]) for it in items}
+        for group in self.param_groups:
+            dT = int(group["reset_interval"])
+            if dT > 0 and cs % dT == 0:
+                rest = [local_tensor(self.state[p][n]) for p in group["params"] if "exp_avg" in self.state[p]
+                        and id(local_tensor(self.state[p]["exp_avg"])) not in with_grad for n in ("exp_avg", "exp_avg_sq")]
+                if rest:
+                    torch._foreach_zero_(rest)
+        if items:
+            spam_step(items, total_step=total, current_step=current, moment_step=k,
+                      fused=self._fused(items[0].param.device))
+        total += 1
+        current += 1
+        for group in self.param_groups:
+            dT = int(group["reset_interval"])
+            new_current = 0 if dT > 0 and (total + 1) % dT == 0 else current
+            group["total_step"], group["current_step"], group["step"] = total, new_current, k
+        return loss

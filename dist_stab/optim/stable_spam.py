@@ -1,0 +1,265 @@
+"""Stable-SPAM: AdaClip + AdaGN + momentum reset around Adam (arXiv 2502.17055 v1/v2)."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..reducer import SlotLayout
+from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_int, check_lr, check_nonneg,
+                    check_unit, local_tensor, maxabs_vector, pack_scalars)
+
+
+def cosine_factor(step: int, total_steps: Optional[int], eta_min: float) -> float:
+    """Multiplier s of beta1 and gamma1 at global step t (1-based): 1 -> eta_min over ``total_steps``.
+
+    ``s(t) = eta_min + (1 - eta_min) * (1 + cos(pi * min(t, T + 1) / (T + 1))) / 2`` (1 if T is None):
+    the authors' ``CosineDecay`` values (algorithms.md §2.1, checked numerically there), held at
+    ``eta_min`` after ``T + 1`` steps.
+    """
+    if total_steps is None:
+        return 1.0
+    T = int(total_steps)
+    x = min(int(step), T + 1)
+    return eta_min + (1.0 - eta_min) * (1.0 + math.cos(math.pi * x / (T + 1))) / 2.0
+
+
+# ----------------------------------------------------------------------------- kernels
+# Scalar row: [thr, f, gscale, active, decay_active, decay_inactive, 1-b1', b2, step_size, 1/sqrt(bc2), eps]
+def _clipped_sumsq(g, sc):
+    """sum(clip(g)^2), clip(g) = g * m_hat/M where |g| > m_hat (AdaClip rescale)."""
+    gf = g.to(sc.dtype)
+    c = torch.where(gf.abs() > sc[0], gf * sc[1], gf)
+    return (c * c).sum()
+
+
+def _adam_update(p, g, m, v, sc):
+    gf = g.to(sc.dtype)
+    gt = torch.where(gf.abs() > sc[0], gf * sc[1], gf) * sc[2]
+    mf, vf, pf = m.to(sc.dtype), v.to(sc.dtype), p.to(sc.dtype)
+    mn = mf + sc[6] * (gt - mf)
+    vn = vf * sc[7] + (1.0 - sc[7]) * (gt * gt)
+    new = pf * sc[4] - sc[8] * (mn / (vn.sqrt() * sc[9] + sc[10]))
+    act = sc[3] > 0
+    m.copy_(torch.where(act, mn, mf))
+    v.copy_(torch.where(act, vn, vf))
+    p.copy_(torch.where(act, new, pf * sc[5]))
+
+
+def _clipped_sumsq_many(gs, sc):
+    return torch.stack([_clipped_sumsq(g, sc[j]) for j, g in enumerate(gs)])
+
+
+def _adam_many(ps, gs, ms, vs, sc):
+    for j, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
+        _adam_update(p, g, m, v, sc[j])
+
+
+K_CLIPPED_SUMSQ = Kernel(_clipped_sumsq_many)
+K_ADAM = Kernel(_adam_many)
+
+
+def stable_spam_step(items: Sequence[OptItem], *, step: int, moment_step: int, reset: bool,
+                     layouts: Optional[Dict] = None, fused: bool = False, validate: bool = True,
+                     tag: str = "StableSPAM") -> torch.Tensor:
+    """One Stable-SPAM step over local pieces; updates params and state in place.
+
+    ``step`` = global step t (>= 1, bias corrections of the max/norm EMAs and the cosine
+    factor); ``moment_step`` = Adam's k (1 right after a reset); ``reset``: zero the moments
+    before this step's update. ``item.state``: ``exp_avg``, ``exp_avg_sq`` (local pieces) and
+    ``m_max``, ``m_norm``, ``v_norm`` (0-d fp32, identical on all ranks). ``item.hp``: ``lr``,
+    ``betas``, ``gamma1``, ``gamma2``, ``theta``, ``eps``, ``weight_decay``, ``total_steps``,
+    ``eta_min``.
+
+    Two dependent reductions, each one all-reduce per process group for all tensors: MAX of
+    max|g|, then SUM of the clipped gradients' sums of squares. The per-tensor scalar math is
+    done on fp64 vectors. Returns the per-item ``active`` mask
+    (device tensor; False = skipped: zero or non-finite clipped norm).
+    """
+    if not items:
+        return torch.zeros(0)
+    device = items[0].param.device
+    sdt = torch.float64 if any(it.param.dtype == torch.float64 for it in items) else torch.float32
+    t, k = int(step), int(moment_step)
+    key = tuple(it.spec.fqn for it in items)
+    cache = layouts if layouts is not None else {}
+    lay = cache.get(key)
+    if lay is None:
+        groups = [it.spec.groups() for it in items]
+        lay = (SlotLayout([f + ":maxabs" for f in key], [1] * len(items), groups, validate, device),
+               SlotLayout([f + ":sumsq" for f in key], [1] * len(items), groups, validate, device))
+        cache[key] = lay
+    max_layout, sum_layout = lay
+    if reset:
+        torch._foreach_zero_([it.state["exp_avg"] for it in items] + [it.state["exp_avg_sq"] for it in items])
+
+    # host-side per-item constants (hyperparameters and step counts only), one upload
+    host, rows = [], []
+    for it in items:
+        hp = it.hp
+        s = cosine_factor(t, hp["total_steps"], float(hp["eta_min"]))
+        g1 = float(hp["gamma1"]) * s
+        th, g2 = float(hp["theta"]), float(hp["gamma2"])
+        host.append((th, 1.0 - th ** t, g1, 1.0 - g1 ** t, g2, 1.0 - g2 ** t, float(hp["eps"])))
+        b1, b2 = float(hp["betas"][0]) * s, float(hp["betas"][1])
+        lr, wd = float(hp["lr"]), float(hp["weight_decay"])
+        bc1, bc2 = 1.0 - b1 ** k, 1.0 - b2 ** k
+        rows.append((1.0 - lr * wd, 1.0 - b1, b2, lr / bc1, 1.0 / math.sqrt(bc2), float(hp["eps"])))
+    both = pack_scalars([h + (0.0,) + r for h, r in zip(host, rows)], device, torch.float64, 14)
+    hv, ad = both[:, :7], both[:, 8:14]
+
+    theta, bc_max, g1, bc_m, g2, bc_v, eps = hv.unbind(1)
+    fused_ = bool(fused)
+
+    # AdaClip: EMA of the (completed) max|g|; NaN would get lost in a MAX all-reduce, inf does not
+    grads = [it.grad for it in items]
+    M = torch.nan_to_num(maxabs_vector(grads, sdt), nan=math.inf)
+    max_layout.complete(M, "max", tag)
+    M = M.double()
+    m_max = torch.stack([it.state["m_max"] for it in items]).double()
+    m_max_new = theta * m_max + (1.0 - theta) * M
+    m_hat = m_max_new / bc_max
+    f = torch.where(M > 0, m_hat / M, torch.zeros_like(M))
+    thr = torch.where(torch.isfinite(m_hat), m_hat, torch.full_like(M, math.inf))
+    sumsq = K_CLIPPED_SUMSQ(fused_, grads, torch.stack([thr, f], 1).to(sdt)).to(sdt)
+    sum_layout.complete(sumsq, "sum", tag)
+
+    # AdaGN: EMAs of the clipped norm (fp64 vectors)
+    R = sumsq.double().sqrt()
+    finite = torch.isfinite(M) & torch.isfinite(R)
+    active = finite & (R > 0)
+    m_n = torch.stack([it.state["m_norm"] for it in items]).double()
+    v_n = torch.stack([it.state["v_norm"] for it in items]).double()
+    m_n_new = m_n + (1.0 - g1) * (R - m_n)
+    v_n_new = v_n + (1.0 - g2) * (R * R - v_n)
+    c = (m_n_new / bc_m) / ((v_n_new / bc_v).sqrt() + eps)
+    gscale = torch.where(active, c / torch.where(active, R, torch.ones_like(R)), torch.zeros_like(R))
+    state_dt = items[0].state["m_max"].dtype
+    torch._foreach_copy_([it.state["m_max"] for it in items],
+                         list(torch.where(finite, m_max_new, m_max).to(state_dt).unbind()))
+    torch._foreach_copy_([it.state["m_norm"] for it in items],
+                         list(torch.where(active, m_n_new, m_n).to(state_dt).unbind()))
+    torch._foreach_copy_([it.state["v_norm"] for it in items],
+                         list(torch.where(active, v_n_new, v_n).to(state_dt).unbind()))
+
+    # Adam with cosine-decayed beta1, bias corrections from k
+    decay = ad[:, 0]
+    sc = torch.stack([thr, f, gscale, active.double(), decay, torch.where(finite, decay, torch.ones_like(decay)),
+                      ad[:, 1], ad[:, 2], ad[:, 3], ad[:, 4], ad[:, 5], torch.zeros_like(decay)], 1).to(sdt)
+    K_ADAM(fused_, [it.param for it in items], grads, [it.state["exp_avg"] for it in items],
+           [it.state["exp_avg_sq"] for it in items], sc)
+    return active
+
+
+class StableSPAM(ShardedOptimizer):
+    r"""Stable-SPAM (Huang et al., arXiv 2502.17055 v1/v2): Adam with AdaClip, AdaGN and momentum reset.
+
+    At global step t (k = Adam's step, reset to 1 by MoRet), per tensor, s = cosine factor::
+
+        p      <- p * (1 - lr*wd)                                   (decoupled, first)
+        M       = max|g| ;  m_max <- theta*m_max + (1-theta)*M ;  m^ = m_max / (1 - theta^t)
+        g       = g * m^/M      where |g| > m^                      (AdaClip: rescale, not clamp)
+        R       = ||g||_2 ;  m_n <- (g1 s) m_n + (1 - g1 s) R ;  v_n <- g2 v_n + (1-g2) R^2
+        g       = g / R * [m_n/(1-(g1 s)^t)] / (sqrt(v_n/(1-g2^t)) + eps)        (AdaGN)
+        if t % reset_interval == 0:  exp_avg, exp_avg_sq <- 0 ; k <- 1            (MoRet)
+        b1' = b1 s ;  m <- b1' m + (1-b1') g ;  v <- b2 v + (1-b2) g^2
+        p      <- p - lr/(1-b1'^k) * m / (sqrt(v)/sqrt(1-b2^k) + eps)
+
+    Args (defaults: the authors' constructor, TianjinYellow/StableSPAM ``stablespam.py``):
+        lr: 1e-3.  betas: (0.9, 0.999).  gamma1: 0.7 (their BF16 scripts: 0.85).
+        gamma2: 0.9 (BF16 scripts: 0.99999).  theta: 0.999 (``gamma3``).
+        reset_interval: 1000 (``update_proj_gap``); 0 disables MoRet.
+        total_steps: None (``total_T``): no cosine decay; else s goes 1 -> eta_min.
+        eta_min: 0.5.  eps: 1e-8 (shared by AdaGN and Adam).  weight_decay: 0.
+        fused: compile the element-wise kernels (None: on CUDA when Triton is available).
+
+    Distributed: two dependent rounds, each one all-reduce per process group for all tensors
+    packed together: MAX of the local max|g|, then SUM of the clipped local sums of squares.
+    Per-tensor scalars (m_max, m_n, v_n) are fp32 0-d tensors computed only from reduced
+    values, identical on every rank. Adam moments live on the local piece (DTensors with the
+    parameter's placements for DTensor parameters, loadable on another mesh through
+    ``torch.distributed.checkpoint``).
+
+    Bad input: a tensor whose completed max|g| or clipped norm is not finite is skipped
+    entirely: parameter (no weight decay), moments, m_max, m_n, v_n keep their values. A
+    zero clipped norm skips Adam and the norm EMAs but keeps weight decay and the m_max update
+    (as pytorch-optimizer does). Parameters without a gradient are skipped; t and k still
+    advance.
+
+    Deviations from the authors' released code (algorithms.md §2.1): (1) bias corrections of
+    m_max, m_n, v_n use the global step t (the code uses the per-parameter k that MoRet resets,
+    which switches AdaClip off after each reset); (2) a reset zeroes the moments at the reset
+    step itself (the code's reset takes effect one step late); (3) zero-norm tensors skip
+    Adam. (1)-(3) are also pytorch-optimizer 4.1.0's ``StableSPAM``; its cosine factor is not:
+    it steps torch's recursive ``CosineAnnealingLR`` from epoch 1 instead of 0, which gives
+    values off the cosine (s(1) = 0.9856 instead of 0.9952 for T = 15), so the two agree only
+    without ``total_steps``. Here s(t) is the closed form (:func:`cosine_factor`).
+    """
+
+    tag = "StableSPAM"
+    _fp32_state_keys = ("m_max", "m_norm", "v_norm")
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), gamma1: float = 0.7, gamma2: float = 0.9,
+                 theta: float = 0.999, reset_interval: int = 1000, total_steps: Optional[int] = None,
+                 eta_min: float = 0.5, eps: float = 1e-8, weight_decay: float = 0.0, *,
+                 fused: Optional[bool] = None, validate: bool = True):
+        check_lr("lr", lr)
+        check_betas("betas", betas)
+        check_unit("gamma1", gamma1)
+        check_unit("gamma2", gamma2)
+        check_unit("theta", theta)
+        check_int("reset_interval", reset_interval, 0)
+        if total_steps is not None:
+            check_int("total_steps", total_steps, 1)
+        check_unit("eta_min", eta_min)
+        check_nonneg("eps", eps, positive=True)
+        check_nonneg("weight_decay", weight_decay)
+        self.reset_interval = int(reset_interval)
+        self.validate = validate
+        defaults = dict(lr=lr, betas=tuple(betas), gamma1=gamma1, gamma2=gamma2, theta=theta,
+                        total_steps=total_steps, eta_min=eta_min, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, fused=fused)
+        for g in self.param_groups:
+            g.setdefault("step", 0)
+            g.setdefault("moment_step", 0)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        first = self.param_groups[0]
+        self.param_groups[-1].setdefault("step", first.get("step", 0))
+        self.param_groups[-1].setdefault("moment_step", first.get("moment_step", 0))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t = int(self.param_groups[0]["step"]) + 1
+        reset = self.reset_interval > 0 and t % self.reset_interval == 0
+        k = 1 if reset else int(self.param_groups[0]["moment_step"]) + 1
+        for g in self.param_groups:
+            g["step"], g["moment_step"] = t, k
+        items: List[OptItem] = []
+        for group, p, sp, g in self._collect():
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                sdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+                for name in ("m_max", "m_norm", "v_norm"):
+                    st[name] = torch.zeros((), dtype=sdt, device=g.device)
+            local = {k_: local_tensor(v) for k_, v in st.items()}
+            items.append(OptItem(sp.spec, sp.local_param(), g, local, group))
+        if reset:  # moments of parameters without a gradient this step are reset too
+            with_grad = {id(local_tensor(it.state["exp_avg"])) for it in items}
+            rest = [local_tensor(s[n]) for s in self.state.values() for n in ("exp_avg", "exp_avg_sq")
+                    if "exp_avg" in s and id(local_tensor(s["exp_avg"])) not in with_grad]
+            if rest:
+                torch._foreach_zero_(rest)
+        if items:
+            self.last_active = stable_spam_step(items, step=t, moment_step=k, reset=reset, layouts=self._layouts,
+                                                fused=self._fused(items[0].param.device), validate=self.validate,
+                                                tag=self.tag)
+        return loss
