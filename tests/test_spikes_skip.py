@@ -145,7 +145,7 @@ def _inject_worker(rank, world, bad):
         torch.isfinite(v._local_tensor if hasattr(v, "_local_tensor") else v).all()
         for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     return {"skips": skips, "skipped": int(opt.skip.skipped), "finite": finite, "params": full_params(model),
-            "gamma": states[0]["gamma"].clone()}
+            "gamma": states[0]["gamma"].clone(), "monitor": {k: v.clone() for k, v in opt.monitor.state.items()}}
 
 
 @pytest.mark.dist
@@ -157,6 +157,9 @@ def test_injected_bad_gradient_on_one_rank_is_skipped_everywhere(bad):
         assert r["finite"]
         assert all(torch.isfinite(p).all() for p in r["params"].values())
     assert torch.equal(res[0]["gamma"], res[1]["gamma"])
+    for k, v in res[0]["monitor"].items():  # spike statistics identical on every rank, bit for bit
+        assert torch.equal(v, res[1]["monitor"][k]), k
+    assert int(res[0]["monitor"]["loss_count"]) == 16
     for n in res[0]["params"]:
         assert torch.equal(res[0]["params"][n], res[1]["params"][n])
 
@@ -201,11 +204,12 @@ def _straight_worker(rank, world):
 
 
 @pytest.mark.dist
-def test_dcp_checkpoint_saved_on_4_ranks_resumes_on_2():
+@pytest.mark.parametrize("save_world,load_world", [(4, 2), (2, 4)])
+def test_dcp_checkpoint_resumes_on_another_world_size(save_world, load_world):
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "ckpt")
-        run_dist(_ckpt_worker, 4, path, "save")
-        resumed = run_dist(_ckpt_worker, 2, path, "resume")
+        run_dist(_ckpt_worker, save_world, path, "save")
+        resumed = run_dist(_ckpt_worker, load_world, path, "resume")
     straight = run_dist(_straight_worker, 2)[0]
     for r in resumed:
         for n, p in straight["params"].items():
