@@ -52,7 +52,7 @@ must stay true (the default): it is the switch DeepSpeed uses to call the hook.
 What DeepSpeed still reduces on its own in ``step()`` (counted in the comm report)
 ------------------------------------------------------------------------------
 * the overflow check ``has_overflow``: one all-reduce MAX of a 1-element uint8 over the DP group
-  (+1 over the model-parallel group when there is one) and an ``.item()`` host sync. ZeRO-1/2:
+  (+1 over the model-parallel group when there is one) and a host sync (``item``). ZeRO-1/2:
   on with fp16 and with bf16 (``bf16.check_grad_overflow``, default true), off with fp32;
   ZeRO-3: fp16 only. It is recorded in :data:`dist_stab.comm.comm_log` with tag
   ``"deepspeed:overflow"`` (op ``max``) each time it runs.

@@ -6,7 +6,7 @@ from reduced statistics), and each ``step()``:
 
 1. collects the local gradient pieces (params without a grad are skipped),
 2. computes local partial statistics and completes them with one collective per group,
-3. runs its vectorised math on the complete per-tensor statistics (device side, no ``.item()``),
+3. runs its vectorised math on the complete per-tensor statistics (device side, no host read),
 4. scales the local gradient pieces in place with one fused ``_foreach_mul_``.
 """
 from __future__ import annotations

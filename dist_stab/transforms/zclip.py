@@ -17,7 +17,7 @@ Defaults follow the package (alpha 0.97, z_thresh 2.5, warmup 25, eps 1e-6) exce
 
 Distributed: one SUM of per-tensor sums of squares per group (+ one scalar over
 ``global_group`` across pipeline stages). Every decision is device side; the package calls
-``.item()`` each step and only reduces under FSDP1. A non-finite norm is not recorded and
+a host read (``item``) each step and only reduces under FSDP1. A non-finite norm is not recorded and
 leaves the gradients untouched.
 """
 from __future__ import annotations
