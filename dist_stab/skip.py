@@ -16,7 +16,9 @@ were. How the optimizer update is dropped (``mode``):
   the step and put back with ``torch.where`` (no host sync; costs one copy of parameters and
   state in memory). The very first step, before the optimizer has created its state, decides
   on the host once;
-* ``"host_sync"``: ``if not skip: optimizer.step()`` — one host sync per step, no memory.
+* ``"host_sync"``: ``if not skip: optimizer.step()`` — one host sync per step, no memory. Also used
+  for optimizers that keep their step counters on the host (``host_step_counters = True``: SCALE,
+  StableSPAM, SPAM), whose counters a device-side restore could not roll back.
 
 Every skip is counted (``skipped``) and its step number kept in a device ring of the last
 ``log_size`` skips, read by the trainer at log time (DeepSpeed#8415: never skip silently).
@@ -91,8 +93,11 @@ class SkipStep:
             return
         params = [p for g in optimizer.param_groups for p in g["params"]]
         first = any(len(optimizer.state.get(p, {})) == 0 for p in params if p.grad is not None)
-        if self.mode == "host_sync" or first:
-            if not bool(skip):  # host-sync-ok: mode="host_sync", or once before state exists
+        host_counters = getattr(optimizer, "host_step_counters", False)
+        if self.mode == "host_sync" or first or host_counters:
+            # host-sync-ok: mode="host_sync"; once before state exists; or an optimizer whose step counters
+            # live on the host (dist_stab.optim), which a device-side restore could not roll back
+            if not bool(skip):
                 optimizer.step()
             return
         tensors = [_local(p.detach()) for p in params]

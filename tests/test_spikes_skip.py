@@ -92,6 +92,21 @@ def test_skipped_step_equals_step_never_taken(mode, bad):
     assert int(o2.skip.skipped) == 0
 
 
+@pytest.mark.parametrize("name", ["StableSPAM", "SPAM", "SCALE"])
+def test_skip_with_package_optimizers_equals_step_never_taken(name):
+    from dist_stab import optim
+
+    def make(model):
+        inner = optim.SCALE(model, lr=1e-2) if name == "SCALE" else getattr(optim, name)(model.named_parameters(), lr=1e-2)
+        return ds.wrap(inner, ds.AdaGC(model.named_parameters(), warmup_steps=1), skip=ds.SkipStep())
+    m1, o1 = _train(make, 7, inject=(4, float("nan")))
+    m2, o2 = _train(make, 7, drop=(4,))
+    assert int(o1.skip.skipped) == 1
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert [g.get("step") for g in o1.param_groups] == [g.get("step") for g in o2.param_groups]
+
+
 def test_loss_spike_skip_and_grad_spike_skip():
     spike = lambda s: 1e3 if s == 30 else 1.0  # noqa: E731
     m, o = _train(_adamw_adagc(dict(loss_z=6.0)), 35, loss_mult=spike)

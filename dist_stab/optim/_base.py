@@ -302,6 +302,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     """Base: keeps parameter FQNs, caches shard descriptions, and builds :class:`OptItem` lists."""
 
     tag = "optim"
+    host_step_counters = True  # step counts are host ints in param_groups: SkipStep decides on the host
 
     def __init__(self, params, defaults: dict, fused: Optional[bool] = None):
         groups, names = _normalize_params(params)
