@@ -309,7 +309,12 @@ def test_flat_segments_match_local_dim_sumsq():
             segs = segments(spec, keep)
             assert sum(s.hi - s.lo for s in segs) == b - a and len(segs) <= 3
             ours = dim_sumsq_vector(piece, spec, keep, segs)
-            torch.testing.assert_close(ours, local_dim_sumsq(piece, spec, keep).double(), rtol=1e-6, atol=0)  # core: fp32
+            # independent oracle: the piece placed in an otherwise zero full tensor
+            padded = torch.zeros_like(full).view(-1)
+            padded[a:b] = piece
+            ref = padded.view(5, 7).square().sum(dim=1 - keep)
+            torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+            torch.testing.assert_close(local_dim_sumsq(piece, spec, keep), ref, rtol=1e-12, atol=0)
 
 
 def test_state_dict_round_trip():
