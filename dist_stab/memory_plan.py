@@ -3,6 +3,7 @@ r"""Per-GPU memory plan of a training config: does it fit in 80 GB?
     python -m dist_stab.memory_plan --config configs/7b_fsdp.yaml                 # the file's stated world size
     python -m dist_stab.memory_plan --config configs/7b_fsdp.yaml --world-size 32,64,128,256
     python -m dist_stab.memory_plan --config configs/7b_fsdp.yaml --deepspeed configs/ds_zero3_7b.json --world-size 64
+    python -m dist_stab.memory_plan --config configs/7b_zero3.yaml     # parallel.mode deepspeed: its deepspeed_config
     python -m dist_stab.memory_plan --config configs/7b_fsdp.yaml --world-size 1 --set parallel.mode=none   # does not fit
 
 The model is the trainer's (:mod:`dist_stab.train.model`), built on the **meta device** (no
@@ -331,6 +332,10 @@ def plan(cfg, world_size: int, *, deepspeed: Optional[Dict] = None, activation_c
     model, args = build_meta_model(cfg)
     notes: List[str] = []
     p = cfg.parallel
+    if deepspeed is None and p.mode == "deepspeed":  # the trainer's DeepSpeed config (its JSON, or built: bf16)
+        from dist_stab.train.parallelize import deepspeed_config
+
+        deepspeed = deepspeed_config(cfg, world_size, bf16=cfg.train.autocast != "none")
     if deepspeed is not None:
         zero = deepspeed.get("zero_optimization", {}) or {}
         stage = int(zero.get("stage", 0))

@@ -2,6 +2,7 @@
 # The trainer under the DeepSpeed launcher, on the hosts of a hostfile (ssh/pdsh to each, one process per GPU).
 #
 #   HOSTFILE=/path/hosts launch/deepspeed.sh configs/7b_fsdp.yaml        # 7B on the hostfile's GPUs (e.g. 8 x 8)
+#   HOSTFILE=/path/hosts launch/deepspeed.sh configs/7b_zero3.yaml       # the same, from the ZeRO-3 config (64 GPUs)
 #   launch/deepspeed.sh configs/7b_fsdp.yaml --set optim.name=scale      # extra args go to the trainer
 #   NUM_GPUS=2 HOSTFILE=none launch/deepspeed.sh configs/tiny_cpu.yaml   # this machine only (no hostfile, no ssh)
 #

@@ -78,3 +78,39 @@ def load(path: Path, model, optimizer, transforms: List) -> int:
     for t, s in zip(transforms, tr["transforms"]):
         t.load_state_dict(s)
     return int(tr["step"])
+
+
+# ---------------------------------------------------------------------- DeepSpeed (parallel.mode: deepspeed)
+# DeepSpeed's own format: ``engine.save_checkpoint(dir, tag)`` writes ``<dir>/<tag>/`` (ZeRO-partitioned model
+# and optimizer state, one file per rank) and ``<dir>/latest`` (the tag). The transforms' state travels in
+# ``client_state["dist_stab"]`` (dist_stab.deepspeed wraps save/load); the step and the spike monitor go in
+# ``client_state["trainer"]``. Resume on the same world size (DeepSpeed's partitioned optimizer files are
+# per rank; a different world size needs DeepSpeed's universal checkpoint conversion, not done here).
+def latest_deepspeed(ckpt_dir: Path) -> Optional[Path]:
+    f = Path(ckpt_dir) / "latest"
+    return Path(ckpt_dir) / f.read_text().strip() if f.exists() else None
+
+
+def save_deepspeed(engine, ckpt_dir: Path, step: int, stateful: List, keep: int = 2, extra=None) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"step_{step:07d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={
+        "trainer": {"step": step, "stateful": [s.state_dict() for s in stateful], "extra": extra or {}}})
+    _barrier()
+    if _rank() == 0 and keep > 0:
+        for p in sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+    return ckpt_dir / tag
+
+
+def load_deepspeed(path: Path, engine, stateful: List) -> int:
+    """Load ``<dir>/<tag>`` into the engine (model, ZeRO optimizer, transforms) and ``stateful``; return the step."""
+    path = Path(path)
+    loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if loaded is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint {path}")
+    tr = client["trainer"]
+    for s, sd in zip(stateful, tr["stateful"]):
+        s.load_state_dict(sd)
+    return int(tr["step"])

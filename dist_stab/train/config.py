@@ -37,10 +37,12 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    mode: str = "fsdp"  # none | ddp | fsdp | hsdp | tp | fsdp_tp
+    mode: str = "fsdp"  # none | ddp | fsdp | hsdp | tp | fsdp_tp | deepspeed
     dp_replicate: int = 1  # hsdp: number of replicas (the rest of the world shards)
     tp: int = 1  # tp / fsdp_tp: tensor-parallel degree (the rest of the world is data parallel)
     reshard_after_forward: bool = True  # FSDP2 default (ZeRO-3-like); False keeps params gathered
+    deepspeed_config: Optional[str] = None  # deepspeed: a DeepSpeed JSON; None builds one from this config
+    zero_stage: int = 2  # deepspeed without a JSON: zero_optimization.stage (1, 2 or 3)
 
 
 @dataclass
@@ -113,6 +115,8 @@ class LogConfig:
     every: int = 10  # console line, JSONL flush and the only host syncs every N steps
     run_dir: Optional[str] = None  # None: runs/<name>
     name: Optional[str] = None  # None: <config stem>-<transform>
+    tensorboard: Optional[bool] = None  # scalars in <run_dir>/tb (rank 0); None: on if `tensorboard` is installed
+    progress_bar: bool = True  # rank-0 tqdm bar at log steps, only when stdout is a TTY (else plain lines)
 
 
 @dataclass

@@ -9,6 +9,8 @@ fsdp       FSDP2 ``fully_shard`` per block, then the root                   (dp_
 hsdp       FSDP2 on a 2-D mesh: replicate x shard                           (dp_replicate, dp_shard)
 tp         TP: wq/wk/wv, w1/w3 ``ColwiseParallel``; wo, w2 ``RowwiseParallel``  (tp,)
 fsdp_tp    TP as above on ``tp``, then FSDP2 on ``dp_shard``                  (dp_shard, tp)
+deepspeed  nothing here: the trainer wraps the model in a DeepSpeed ZeRO       -
+           engine (``dist_stab.deepspeed.initialize``) with its optimizer
 =========  ===============================================================  ====================
 
 Under TP the embeddings, norms and lm_head stay plain replicated tensors: a model that mixes
@@ -17,15 +19,17 @@ does not, ``cpu-stack.md`` §1b).
 """
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-MODES = ("none", "ddp", "fsdp", "hsdp", "tp", "fsdp_tp")
+MODES = ("none", "ddp", "fsdp", "hsdp", "tp", "fsdp_tp", "deepspeed")
 
 
 @dataclass
@@ -99,6 +103,8 @@ def parallelize(model: nn.Module, cfg, device: torch.device) -> Parallel:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if dev == "cuda" else None
         return Parallel("ddp", world, rank, world, rank, wrapper=DDP(model, device_ids=ids))
+    if mode == "deepspeed":  # ZeRO data parallel over the world; the engine is built with the optimizer
+        return Parallel("deepspeed", world, rank, world, rank)
     if mode == "fsdp":
         mesh = init_device_mesh(dev, (world,), mesh_dim_names=("dp_shard",))
         apply_fsdp(model, mesh, cfg.reshard_after_forward)
@@ -125,3 +131,38 @@ def parallelize(model: nn.Module, cfg, device: torch.device) -> Parallel:
     apply_tp(model, mesh["tp"])
     apply_fsdp(model, mesh["dp_shard"], cfg.reshard_after_forward)
     return Parallel("fsdp_tp", world, rank, dp, mesh["dp_shard"].get_local_rank(), mesh)
+
+
+def deepspeed_config(cfg, dp_size: int, bf16: bool) -> dict:
+    """The DeepSpeed config of ``parallel.mode: deepspeed`` for ``cfg`` (a trainer Config) on ``dp_size`` ranks.
+
+    ``parallel.deepspeed_config`` null: built from the trainer config (ZeRO stage ``parallel.zero_stage``,
+    micro batch and accumulation from ``train.*``, DeepSpeed clipping off: dist_stab's transforms clip,
+    ``bf16`` as given: the trainer passes "on CUDA"). A JSON path (relative paths also from the repo root):
+    its batch keys must agree with ``train.*``, else ``ValueError``.
+    """
+    tb, p = cfg.train, cfg.parallel
+    if tb.global_batch_size % (tb.micro_batch_size * dp_size):
+        raise ValueError(f"train.global_batch_size={tb.global_batch_size} is not a multiple of "
+                         f"micro_batch_size x dp ranks = {tb.micro_batch_size} x {dp_size}")
+    accum = tb.global_batch_size // (tb.micro_batch_size * dp_size)
+    if p.deepspeed_config is None:
+        if p.zero_stage not in (1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {p.zero_stage}")
+        return {"train_micro_batch_size_per_gpu": tb.micro_batch_size, "gradient_accumulation_steps": accum,
+                "zero_optimization": {"stage": p.zero_stage}, "gradient_clipping": 0.0, "bf16": {"enabled": bf16},
+                "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    path = Path(p.deepspeed_config)
+    repo_path = Path(__file__).resolve().parents[2] / path
+    if not path.exists() and not path.is_absolute() and repo_path.exists():
+        path = repo_path
+    ds = json.loads(path.read_text())
+    want = {"train_micro_batch_size_per_gpu": tb.micro_batch_size, "gradient_accumulation_steps": accum,
+            "train_batch_size": tb.global_batch_size}
+    bad = [f"{k}={ds[k]} (trainer: {v})" for k, v in want.items()
+           if ds.get(k) not in (None, "auto") and int(ds[k]) != v]
+    if bad:
+        raise ValueError(f"{p.deepspeed_config} disagrees with the trainer config on {dp_size} data-parallel ranks: "
+                         f"{', '.join(bad)}. Make train.micro_batch_size and train.global_batch_size (= micro x "
+                         f"accumulation x ranks) match the JSON, or set parallel.deepspeed_config=null.")
+    return ds
