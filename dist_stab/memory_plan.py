@@ -268,7 +268,8 @@ def skip_snapshot(cfg) -> bool:
     """Does the trainer's skip-step policy keep a device copy of params + optimizer state?
 
     ``dist_stab.SkipStep`` in ``restore`` mode snapshots them before each step unless the optimizer
-    takes ``step(step_factor=...)`` (``supports_step_factor``); no skip test enabled: no snapshot.
+    takes ``step(step_factor=...)`` (``supports_step_factor``) or decides on the host because its step
+    counters live there (``host_step_counters``: SCALE, StableSPAM, SPAM); no skip test enabled: no snapshot.
     """
     sp = getattr(cfg, "spikes", None)
     if sp is None or getattr(sp, "skip_mode", "host_sync") != "restore":
@@ -281,7 +282,7 @@ def skip_snapshot(cfg) -> bool:
         cls = OPTIMIZERS[cfg.optim.name][0]()
     except Exception:  # noqa: BLE001 - unknown here: assume the copy is kept
         return True
-    return not getattr(cls, "supports_step_factor", False)
+    return not (getattr(cls, "supports_step_factor", False) or getattr(cls, "host_step_counters", False))
 
 
 def _tp_dim(fqn: str) -> Optional[int]:
