@@ -35,9 +35,10 @@ def _split(tensors: Sequence[torch.Tensor]):
 
 def _norms_fp32(tensors: Sequence[torch.Tensor], ord) -> torch.Tensor:
     """Per-tensor norms as fp32; fp64 tensors are reduced in fp64 (``_foreach_norm`` cannot narrow)."""
-    if any(t.dtype == torch.float64 for t in tensors):
+    try:
+        return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+    except RuntimeError:  # an fp64 tensor in the list (no per-tensor dtype check on the common path)
         return torch.stack([torch.linalg.vector_norm(t, ord).float() for t in tensors])
-    return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
 
 
 def sumsq_tensors(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
