@@ -1,4 +1,7 @@
-"""Sharding invariance and collective counts of SCALE, StableSPAM, SPAM on 2 gloo ranks (one spawn).
+"""Sharding invariance and collective counts of SCALE, StableSPAM, SPAM on gloo ranks.
+
+2 ranks (one spawn): FSDP2, TP, flat fragments, DCP. 4 ranks (one spawn per layout): FSDP2 with uneven
+and empty shards, FSDP x TP 2x2 (incl. an empty piece of a 2-D-mesh DTensor).
 
 Every rank runs the optimizer on a plain, unsharded copy (the single-process result) and on
 the sharded model (FSDP2 ``fully_shard``, TP colwise/rowwise incl. a vocab-parallel embedding,
@@ -10,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -119,8 +123,11 @@ def _run(name, model, grads, count_last=True):
         finally:
             dist.all_reduce = orig
         if last:
+            by_group = {}
             for (tag, op, group), (n, _) in comm_log.summary().items():
                 counts[op] = counts.get(op, 0) + n
+                by_group[(op, group)] = by_group.get((op, group), 0) + n
+            counts["by_group"] = by_group
             torch_total = cm.get_total_counts()
             counts["dist.all_reduce"] = len(calls)
     counts["CommDebugMode"] = torch_total
@@ -331,3 +338,166 @@ def test_sharding_invariance_and_collective_counts(tmp_path):
             assert got == want, (key, c)
             n = sum(want.values())
             assert c["dist.all_reduce"] == n and c["CommDebugMode"] == n, (key, c)
+
+
+# ----------------------------------------------------------------------------- 4 ranks: FSDP2 and FSDP x TP 2x2
+class FsdpTpNet(TpNet):
+    """TpNet plus a colwise ``e`` [2, 8] (+ bias 2): TP gives each tp rank 1 row, FSDP then splits that
+    row over dp as 1/0, so the dp=1 ranks (2 and 3) hold an empty piece of a [2, 8]-on-(dp, tp) DTensor."""
+
+    def __init__(self, n_row=2):
+        super().__init__(n_row)
+        self.e = nn.Linear(8, 2, bias=True)
+        for p in self.e.parameters():
+            nn.init.normal_(p, std=0.5)
+
+
+def _placements(p):
+    """((placement type, shard dim), ...) per mesh dim and the mesh dim names of a DTensor parameter."""
+    pls = tuple((type(pl).__name__, getattr(pl, "dim", None)) for pl in getattr(p, "placements", ()))
+    mesh = getattr(p, "device_mesh", None)
+    return pls, (tuple(mesh.mesh_dim_names or ()) if mesh is not None else ())
+
+
+def _case4(name, make, shard):
+    """One optimizer on a fresh model: unsharded reference vs ``shard(model)``, on every rank."""
+    from dist_stab.optim._base import local_tensor
+
+    torch.manual_seed(0)
+    base = make()
+    ref = copy.deepcopy(base)
+    grads = _grads([p.shape for p in base.parameters()], STEPS)
+    _, ref_opt = _run(name, ref, grads)
+    shard(base)
+    counts, opt = _run(name, base, grads)
+    state_err, state_kinds = _compare_state(base, opt, ref, ref_opt)
+    scalars = {}  # StableSPAM's per-tensor statistics, as held by this rank (compared bit for bit)
+    for n, p in base.named_parameters():
+        st = opt.state[p]
+        if "m_max" in st:
+            scalars[n] = torch.stack([local_tensor(st[k]).detach().clone() for k in ("m_max", "m_norm", "v_norm")])
+    return dict(err=_compare(base, ref), counts=counts, state_err=state_err, state_kinds=state_kinds,
+                scalars=scalars, placements={n: _placements(p) for n, p in base.named_parameters()},
+                local_shapes={n: tuple(local_tensor(p).shape) for n, p in base.named_parameters()})
+
+
+NAMES4 = ("SCALE", "SCALE-noemb", "StableSPAM", "SPAM")
+
+
+def _dist_main4(rank, world, layout):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    if layout == "fsdp":
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+        make, shard = FsdpNet, lambda m: fully_shard(m, mesh=mesh)
+    else:
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate()), "up": ColwiseParallel(),
+                "lm_head": ColwiseParallel(), "e": ColwiseParallel(),
+                "downs.0": RowwiseParallel(), "downs.1": RowwiseParallel()}
+
+        def make():
+            return FsdpTpNet(2)
+
+        def shard(m):
+            parallelize_module(m, mesh["tp"], plan)
+            fully_shard(m, mesh=mesh["dp"])
+
+    out = {name: _case4(name, make, shard) for name in NAMES4}
+    out["groups"] = {"dp": dist.get_process_group_ranks(mesh.get_group("dp"))}
+    if layout != "fsdp":
+        out["groups"]["tp"] = dist.get_process_group_ranks(mesh.get_group("tp"))
+    return out
+
+
+def _check4(res, expect):
+    """Parameters and state vs the 1-process run on every rank, StableSPAM scalars bit-identical across
+    ranks, and per rank the last step's collectives: {(op, group role): calls} == ``expect[name]``."""
+    r0 = res[0]
+    summary = {}
+    for name in NAMES4:
+        errs = [r[name]["err"] for r in res]
+        serrs = [r[name]["state_err"] for r in res]
+        summary[name] = (max(errs), max(serrs), r0[name]["counts"])
+        print(f"{name}: max param err {max(errs):.2e}, max state err {max(serrs):.2e}, "
+              f"last-step collectives rank0 {r0[name]['counts']}")
+        assert max(errs) <= 1e-6, (name, errs)
+        assert max(serrs) <= 1e-5, (name, serrs)
+        for r in res[1:]:  # per-tensor statistics: the same bits on every rank
+            assert r[name]["scalars"].keys() == r0[name]["scalars"].keys()
+            for n, v in r0[name]["scalars"].items():
+                assert torch.equal(r[name]["scalars"][n], v), (name, n, v, r[name]["scalars"][n])
+        for rank, r in enumerate(res):
+            c = r[name]["counts"]
+            role = {f"{k}{v}": k for k, v in r["groups"].items()}  # group name -> role, this rank's groups
+            got = {(op, role.get(g, g)): n for (op, g), n in c["by_group"].items()}
+            assert got == expect[name], (name, rank, c)
+            n = sum(expect[name].values())
+            assert c.get("sum", 0) + c.get("max", 0) == n, (name, rank, c)
+            assert c["dist.all_reduce"] == n and c["CommDebugMode"] == n, (name, rank, c)
+    assert r0["StableSPAM"]["scalars"] and ("exp_avg", "DTensor", True) in r0["StableSPAM"]["state_kinds"]
+    assert ("momentum", "DTensor", True) in r0["SCALE"]["state_kinds"]
+    return summary
+
+
+@pytest.mark.dist
+def test_fsdp2_four_ranks_uneven_with_empty_shards():
+    from dist_launcher import run_dist
+
+    res = run_dist(_dist_main4, 4, "fsdp", timeout=300)
+    # FsdpNet on 4 ranks (dim 0 in chunks of ceil(n/4)): embed_tokens/lm_head 11 rows -> 3,3,3,2;
+    # a.weight/a.bias/na 5 -> 2,2,1,0 (rank 3 empty); c [1, 8] -> 1,0,0,0 (ranks 1-3 empty); b [8, 5] -> 2 each.
+    shapes = [r["SCALE"]["local_shapes"] for r in res]
+    assert [s["a.weight"][0] for s in shapes] == [2, 2, 1, 0]
+    assert [s["c.weight"][0] for s in shapes] == [1, 0, 0, 0]
+    assert [s["embed_tokens.weight"][0] for s in shapes] == [3, 3, 3, 2]
+    assert all(pl == ((("Shard", 0),), ("dp",)) for pl in res[0]["SCALE"]["placements"].values())
+    # Expected collectives per step, from the placements (every tensor Shard(0) over the one dp group):
+    # SCALE: matrices and lm_head keep dim 0 (one scale per row) = the sharded dim -> local; the embedding
+    #   keeps dim 1 and sums over the vocab = the sharded dim -> its per-column partial sums need the dp
+    #   group: 1 SUM. Without the embedding rule (SCALE-noemb) nothing needs completing: 0.
+    # StableSPAM: per-tensor max|g| and clipped sum of squares over all shards of every tensor; one
+    #   group for all tensors: 1 MAX + 1 SUM. SPAM: element-wise: 0.
+    expect = {"SCALE": {("sum", "dp"): 1}, "SCALE-noemb": {},
+              "StableSPAM": {("max", "dp"): 1, ("sum", "dp"): 1}, "SPAM": {}}
+    _check4(res, expect)
+
+
+@pytest.mark.dist
+def test_fsdp_x_tp_2x2():
+    from dist_launcher import run_dist
+
+    res = run_dist(_dist_main4, 4, "fsdp_tp", timeout=300)
+    # mesh [[0, 1], [2, 3]]: dp groups {0,2},{1,3}, tp groups {0,1},{2,3}; each rank is in one of each.
+    assert [r["groups"] for r in res] == [{"dp": [0, 2], "tp": [0, 1]}, {"dp": [1, 3], "tp": [0, 1]},
+                                          {"dp": [0, 2], "tp": [2, 3]}, {"dp": [1, 3], "tp": [2, 3]}]
+    pl = res[0]["SCALE"]["placements"]
+    dims = {n: tuple(d for _, d in p) for n, (p, mesh_names) in pl.items()}
+    # TP first, then FSDP on dp: (dp placement, tp placement); dp shards dim 0 (_StridedShard when tp
+    # also shards dim 0). Parameters TP leaves alone (norm.weight) live on the 1-D dp mesh only.
+    for n in ("embed_tokens.weight", "up.weight", "up.bias", "lm_head.weight", "e.weight", "e.bias"):
+        assert dims[n] == (0, 0) and pl[n][1] == ("dp", "tp"), (n, pl[n])
+    for n in ("downs.0.weight", "downs.1.weight"):
+        assert dims[n] == (0, 1) and pl[n][1] == ("dp", "tp"), (n, pl[n])
+    assert dims["norm.weight"] == (0,) and pl["norm.weight"][1] == ("dp",), pl["norm.weight"]
+    # e [2, 8]: tp 1 row each, then dp 1/0: ranks 2 and 3 (dp index 1) hold empty pieces; embed 10 rows -> 3/2
+    assert [r["SCALE"]["local_shapes"]["e.weight"] for r in res] == [(1, 8), (1, 8), (0, 8), (0, 8)]
+    assert [r["SCALE"]["local_shapes"]["embed_tokens.weight"][0] for r in res] == [3, 3, 2, 2]
+    # Expected collectives per step, from those placements:
+    # SCALE: a statistic is completed over the groups that shard a dim it sums over.
+    #   up / lm_head / e (rows split over dp and tp; per-row norms) -> local;
+    #   downs.* (rows over dp, columns over tp; per-row norms sum over columns) -> tp;
+    #   embed_tokens (vocab split over dp and tp; per-column norms sum over the vocab) -> dp and tp;
+    #   biases / norm gain -> AdamW, element-wise. So 1 SUM on the dp group + 1 SUM on the tp group,
+    #   packed for all tensors (2 rowwise layers, still 1 per group).
+    # SCALE-noemb: the embedding becomes a per-row matrix (local) -> only downs.*: 1 SUM on tp.
+    # StableSPAM: whole-tensor max|g| and sum of squares over every group that shards a tensor: the TP'd
+    #   tensors over dp and tp, norm.weight over dp -> 1 MAX + 1 SUM on each of the two groups.
+    # SPAM: element-wise -> 0.
+    expect = {"SCALE": {("sum", "dp"): 1, ("sum", "tp"): 1}, "SCALE-noemb": {("sum", "tp"): 1},
+              "StableSPAM": {("max", "dp"): 1, ("sum", "dp"): 1, ("max", "tp"): 1, ("sum", "tp"): 1},
+              "SPAM": {}}
+    _check4(res, expect)
