@@ -45,3 +45,43 @@ def test_transforms_on_cuda_equal_cpu():
             outs[dev] = [p.grad.cpu() for p in ps]
         for a, b in zip(outs["cpu"], outs["cuda"]):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), cls
+
+
+def test_no_host_sync_in_transform_and_optimizer_steps():
+    """The step's promise, enforced: any host sync raises under sync-debug mode "error"."""
+    from dist_stab.optim import SPAM, SCALE, StableSPAM
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 32), torch.nn.LayerNorm(32),
+                                torch.nn.Linear(32, 64, bias=False)).cuda()
+
+    def grads():
+        model.zero_grad(set_to_none=False)
+        model(torch.randint(0, 64, (4, 8), device="cuda")).float().square().mean().backward()
+
+    transforms = [ds.GlobalClip(model.named_parameters()), ds.AdaGC(model.named_parameters(), warmup_steps=1),
+                  ds.GradientStabilizer(model.named_parameters()), ds.ZClip(model.named_parameters(), warmup_steps=1)]
+    for t in transforms:  # first steps build plans and layouts (allowed to sync once)
+        grads()
+        t.step()
+        t.step()
+    opts = [StableSPAM(model.named_parameters(), lr=1e-3, fused=False), SPAM(model.named_parameters(), lr=1e-3, fused=False),
+            SCALE(model, lr=1e-3, fused=False)]
+    for o in opts:
+        grads()
+        o.step()
+    wrapped = ds.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3), ds.AdaGC(model.named_parameters(), warmup_steps=0),
+                      skip=ds.SkipStep(grad_z=6.0), monitor=ds.SpikeMonitor(min_history=2))
+    grads()
+    wrapped.step(loss=torch.ones((), device="cuda"))
+    grads()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in transforms:
+            t.step()
+        for o in opts:
+            o.step()
+        wrapped.step(loss=torch.ones((), device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
