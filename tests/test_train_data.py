@@ -117,3 +117,30 @@ def test_trainer_skips_an_injected_nan_step_and_reports_it(tmp_path):
     recs = [r for r in recs if not r.get("summary")]
     assert [r["skipped"] for r in recs if "skipped" in r] == [0, 0, 0, 1, 0, 0]
     assert [r["num_nonfinite"] for r in recs if "num_nonfinite" in r] == [0, 0, 0, 1, 0, 0]
+
+
+@needs_corpus
+def test_injected_gradient_spikes_and_quality_benchmark(tmp_path):
+    """train.inject_spike_every multiplies the gradients (the transform sees the spike); bench.quality
+    runs methods side by side and writes its tables."""
+    import subprocess
+    import sys
+
+    common = [f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=512", "data.seq_len=32",
+              "data.max_train_chars=200000", "model.size=tiny-test", "train.global_batch_size=2",
+              "train.micro_batch_size=2", "schedule.warmup_steps=1"]
+    out = tmp_path / "q"
+    r = subprocess.run([sys.executable, "-m", "dist_stab.bench.quality", "--steps", "4", "--lrs", "1e-3",
+                        "--spike-every", "2", "--spike-scale", "1000", "--methods", "AdamW+GlobalClip",
+                        "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--set", *common],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out.with_suffix(".json")).read_text())["results"]
+    plain, spiked = res["AdamW+GlobalClip|lr=0.001"], res["AdamW+GlobalClip|spike"]
+    assert len(plain["losses"]) == len(spiked["losses"]) == 4
+    assert plain["losses"][:2] == spiked["losses"][:2]  # identical until the first injected spike (step 2)
+    norms = [json.loads(x).get("grad_norm") for x in (tmp_path / "runs" / "AdamW+GlobalClip_spike" /
+                                                       "metrics.jsonl").read_text().splitlines()]
+    norms = [n for n in norms if n is not None]
+    assert norms[1] > 100 * norms[0] and norms[3] > 100 * norms[2]  # steps 2 and 4 carry the x1000 spike
+    assert "| AdamW+GlobalClip |" in out.with_suffix(".md").read_text()

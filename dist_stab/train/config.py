@@ -102,6 +102,8 @@ class TrainConfig:
     meta_init: bool = False  # build on the meta device and initialise after sharding (large models)
     num_threads: Optional[int] = None  # torch.set_num_threads; None leaves OMP_NUM_THREADS in charge
     inject_nan_at: Optional[int] = None  # fault injection: a NaN in one gradient element on rank 0 at this step
+    inject_spike_every: int = 0  # stress test: every N steps multiply all gradients by inject_spike_scale (0: off)
+    inject_spike_scale: float = 1000.0  # the injected gradient spike (100-1000x in the stability benchmark)
 
 
 @dataclass

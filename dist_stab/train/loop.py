@@ -264,6 +264,9 @@ class Trainer:
             g = p.grad._local_tensor if hasattr(p.grad, "_local_tensor") else p.grad
             if g.numel():
                 g.view(-1)[0] = float("nan")
+        if cfg.train.inject_spike_every and step % cfg.train.inject_spike_every == 0:  # stress test, all ranks
+            torch._foreach_mul_([p.grad for p in self.model.parameters() if p.grad is not None],
+                                cfg.train.inject_spike_scale)
         n_before = len(comm_log.records)
         self.opt.step(loss=loss_sum)
         calls, nbytes = self.tally.add_step([r for r in comm_log.records[n_before:] if r.tag != "SpikeMonitor"])
