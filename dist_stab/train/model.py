@@ -39,6 +39,7 @@ class ModelArgs:
 SIZES: Dict[str, tuple] = {
     "tiny-test": (64, 2, 4, 176),  # unit tests: ~0.1M params + embeddings
     "tiny-cpu": (192, 6, 6, 512),  # the CPU demo: ~2.7M params + 2*V*192 embeddings
+    "20M": (384, 6, 6, 1024),  # the GPU quality study: 10.6M params + 2*V*384 embeddings (23.2M at V=16384)
     "60M": (512, 8, 8, 1376),  # GaLore llama_60m
     "130M": (768, 12, 12, 2048),  # GaLore llama_130m
     "350M": (1024, 24, 16, 2736),  # GaLore llama_350m
