@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .kernels import _norms_fp32, sumsq_tensors
+from .kernels import TensorBatch, _norms_fp32
 from .spec import ShardSpec
 
 
@@ -22,9 +22,12 @@ def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def local_sumsq(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """fp32 vector of sum(g^2) per tensor (one fused pass; empty pieces give 0)."""
-    return sumsq_tensors(grads)
+def local_sumsq(grads: Sequence[torch.Tensor], batch: Optional[TensorBatch] = None) -> torch.Tensor:
+    """fp32 vector of sum(g^2) per tensor (one fused pass; empty pieces give 0).
+
+    ``batch``: ``grads`` already prepared (a caller that reuses it across steps); else one is built.
+    """
+    return (TensorBatch(grads) if batch is None else batch).sumsq(grads)
 
 
 def local_maxabs(grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -2,12 +2,16 @@
 
     python -m dist_stab.bench.clip --device cuda --shapes 1b --json docs/bench_clip_1b.json
     python -m dist_stab.bench.clip --device cuda --shapes many --json docs/bench_clip_many.json
+    python -m dist_stab.bench.clip --device cuda --shapes many --counts 1000,5000,20000 --set-to-none
 
 ``--shapes 1b``: the tensors of a LLaMA-1B (d 2048, 24 layers, ff 5461, vocab 32000, untied
 lm_head). ``--shapes many``: 1k..20k small tensors (an MoE-like count), to see how the cost grows
 with the tensor count. Every iteration restores the same gradients (untimed) and times only the
-clipping call with CUDA events (median of ``--iters``); ratios are taken inside one run.
-Regimes: AdaGC "steady" (no tensor above its threshold: the usual step) and "all clipped".
+clipping call with CUDA events (median of ``--iters``); ratios are taken inside one run. The host
+column is the time until the call returns, from a synchronized start: the Python/launch cost (when it
+is close to the CUDA-event time, the step is host bound). ``--set-to-none``: every iteration gives the
+parameters new gradient tensors (as ``zero_grad(set_to_none=True)`` + backward) instead of copying into
+the same ones. Regimes: AdaGC "steady" (no tensor above its threshold: the usual step) and "all clipped".
 """
 from __future__ import annotations
 
@@ -42,31 +46,41 @@ def make_grads(shapes, device, dtype, seed=0):
 
 
 def timeit(fn, restore, iters, device):
-    times = []
+    """Medians of (ms by CUDA events, host ms until ``fn`` returns); on CPU both are wall time."""
+    times, host = [], []
     for i in range(iters + 3):
         restore()
         if device.type == "cuda":
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             s.record()
+            t0 = time.perf_counter()
             fn()
+            h = (time.perf_counter() - t0) * 1e3
             e.record()
             torch.cuda.synchronize()
             ms = s.elapsed_time(e)
         else:
             t0 = time.perf_counter()
             fn()
-            ms = (time.perf_counter() - t0) * 1e3
+            ms = h = (time.perf_counter() - t0) * 1e3
         if i >= 3:
             times.append(ms)
-    return statistics.median(times)
+            host.append(h)
+    return statistics.median(times), statistics.median(host)
 
 
-def bench(shapes, device, dtype, iters):
+def bench(shapes, device, dtype, iters, set_to_none=False):
     params, grads = make_grads(shapes, device, dtype)
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    restore = lambda: torch._foreach_copy_([p.grad for p in params], grads)  # noqa: E731
+
+    def restore():
+        if set_to_none:  # new gradient objects, as zero_grad(set_to_none=True) + backward give
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        else:
+            torch._foreach_copy_([p.grad for p in params], grads)
     named = [(f"p{i}", p) for i, p in enumerate(params)]
     rows = {}
     rows["torch clip_grad_norm_"] = timeit(lambda: torch.nn.utils.clip_grad_norm_(params, 1e-3, foreach=True),
@@ -88,8 +102,8 @@ def bench(shapes, device, dtype, iters):
     rows["GradientStabilizer"] = timeit(gs.step, restore, iters, device)
     zc = ds.ZClip(named, warmup_steps=1)
     rows["ZClip"] = timeit(zc.step, restore, iters, device)
-    base = rows["torch clip_grad_norm_"]
-    return {k: {"ms": v, "ratio_vs_torch_clip": v / base} for k, v in rows.items()}
+    base = rows["torch clip_grad_norm_"][0]
+    return {k: {"ms": ms, "host_ms": h, "ratio_vs_torch_clip": ms / base} for k, (ms, h) in rows.items()}
 
 
 def main(argv=None):
@@ -99,27 +113,34 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--counts", default="1000,5000,10000,20000", help="tensor counts for --shapes many")
+    ap.add_argument("--set-to-none", action="store_true", help="new gradient tensors every iteration")
+    ap.add_argument("--no-pointer-check", action="store_true",
+                    help="GradTransform.check_pointers = False: identity check only (see dist_stab.transforms.base)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    ds.GradTransform.check_pointers = not args.no_pointer_check
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "dtype": args.dtype, "shapes": args.shapes, "iters": args.iters}
+            "torch": torch.__version__, "dtype": args.dtype, "shapes": args.shapes, "iters": args.iters,
+            "set_to_none": args.set_to_none, "pointer_check": not args.no_pointer_check}
     results = {}
     if args.shapes == "many":
         for n in [int(c) for c in args.counts.split(",")]:
-            results[str(n)] = bench([(128, 64)] * n, device, dtype, args.iters)
+            results[str(n)] = bench([(128, 64)] * n, device, dtype, args.iters, args.set_to_none)
     else:
         shapes = SHAPES[args.shapes]()
         info["num_tensors"] = len(shapes)
         info["num_elements"] = sum(torch.Size(s).numel() for s in shapes)
-        results[args.shapes] = bench(shapes, device, dtype, args.iters)
-    print(f"# clip step cost, {info['device']}, torch {info['torch']}, {args.dtype} grads, median of {args.iters}")
+        results[args.shapes] = bench(shapes, device, dtype, args.iters, args.set_to_none)
+    print(f"# clip step cost, {info['device']}, torch {info['torch']}, {args.dtype} grads, median of {args.iters}"
+          f"{', new grads every step' if args.set_to_none else ''}"
+          f"{', no pointer check' if args.no_pointer_check else ''}")
     for key, rows in results.items():
         print(f"\n## {key} tensors" if args.shapes == "many" else f"\n## shapes {key}: "
               f"{info.get('num_tensors')} tensors, {info.get('num_elements', 0) / 1e9:.3f} B elements")
-        print(f"| method | ms | x torch clip_grad_norm_ |\n|---|---|---|")
+        print(f"| method | ms | host ms | x torch clip_grad_norm_ |\n|---|---|---|---|")
         for name, r in rows.items():
-            print(f"| {name} | {r['ms']:.3f} | {r['ratio_vs_torch_clip']:.2f} |")
+            print(f"| {name} | {r['ms']:.3f} | {r['host_ms']:.3f} | {r['ratio_vs_torch_clip']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "results": results}, f, indent=1)

@@ -8,11 +8,12 @@ as an int64 table, so the same compiled kernel serves any list of tensors.
   deterministic segmented sum (no atomics: equal inputs give bit-equal outputs).
 * ``scale``: ``x *= factor[tensor]``; a chunk whose factor is exactly 1 returns at once.
 
-Only imported on CUDA with Triton; :mod:`dist_stab.kernels` falls back to ``torch._foreach_*``.
+:class:`Batch` holds the tables of one list; :class:`dist_stab.kernels.TensorBatch` builds it where
+:func:`dist_stab.kernels.use_triton` says so and falls back to ``torch._foreach_*`` elsewhere.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import triton
@@ -77,25 +78,29 @@ def chunk_tables(numels: Tuple[int, ...], device):
     return hit
 
 
-def _ptrs(tensors: Sequence[torch.Tensor], device) -> torch.Tensor:
-    ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, pin_memory=True)
-    return ptrs.to(device, non_blocking=True)
+class Batch:
+    """Same-dtype contiguous tensors on one device as the kernels see them: every table built once.
 
+    ``ptrs``: their int64 data pointers on ``device``. Keeps no reference to the tensors.
+    """
 
-def sumsq(tensors: List[torch.Tensor]) -> torch.Tensor:
-    """fp32 [len(tensors)]: sum of squares; all tensors contiguous, same CUDA device and dtype."""
-    device = tensors[0].device
-    numel_t, tensor_idx, start, per = chunk_tables(tuple(t.numel() for t in tensors), device)
-    partials = torch.empty(tensor_idx.numel(), dtype=torch.float32, device=device)
-    if tensor_idx.numel():
-        _sumsq_kernel[(tensor_idx.numel(),)](_ptrs(tensors, device), numel_t, tensor_idx, start, partials,
-                                             BLOCK=BLOCK, ITERS=ITERS, DTYPE=DTYPES[tensors[0].dtype], num_warps=8)
-    return torch.segment_reduce(partials, "sum", lengths=per, unsafe=True, initial=0.0)
+    def __init__(self, tensors: Sequence[torch.Tensor], ptrs: torch.Tensor, device):
+        self.ptrs, self.device, self.dtype = ptrs, device, DTYPES[tensors[0].dtype]
+        self.numels, self.chunk_tensor, self.chunk_start, self.per = chunk_tables(
+            tuple(map(torch.Tensor.numel, tensors)), device)
+        self.chunks = self.chunk_tensor.numel()
 
+    def _launch(self, kernel, out: torch.Tensor) -> None:
+        if self.chunks:
+            kernel[(self.chunks,)](self.ptrs, self.numels, self.chunk_tensor, self.chunk_start, out,
+                                   BLOCK=BLOCK, ITERS=ITERS, DTYPE=self.dtype, num_warps=8)
 
-def scale_(tensors: List[torch.Tensor], factors: torch.Tensor) -> None:
-    device = tensors[0].device
-    numel_t, tensor_idx, start, _ = chunk_tables(tuple(t.numel() for t in tensors), device)
-    if tensor_idx.numel():
-        _scale_kernel[(tensor_idx.numel(),)](_ptrs(tensors, device), numel_t, tensor_idx, start, factors,
-                                             BLOCK=BLOCK, ITERS=ITERS, DTYPE=DTYPES[tensors[0].dtype], num_warps=8)
+    def sumsq(self) -> torch.Tensor:
+        """fp32 [len(tensors)]: the sum of squares of each tensor."""
+        partials = torch.empty(self.chunks, dtype=torch.float32, device=self.device)
+        self._launch(_sumsq_kernel, partials)
+        return torch.segment_reduce(partials, "sum", lengths=self.per, unsafe=True, initial=0.0)
+
+    def scale_(self, factors: torch.Tensor) -> None:
+        """``tensors[i] *= factors[i]`` (fp32 contiguous factors; a factor of exactly 1 skips its tensor)."""
+        self._launch(_scale_kernel, factors)

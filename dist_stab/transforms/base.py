@@ -7,13 +7,25 @@ from reduced statistics), and each ``step()``:
 1. collects the local gradient pieces (params without a grad are skipped),
 2. computes local partial statistics and completes them with one collective per group,
 3. runs its vectorised math on the complete per-tensor statistics (device side, no host read),
-4. scales the local gradient pieces in place with one fused ``_foreach_mul_``.
+4. scales the local gradient pieces in place (multi-tensor kernels, see :mod:`dist_stab.kernels`).
+
+Host cost per step (what matters with thousands of tensors): ``param.grad`` of every plain or
+DTensor param is read in one C-level pass (other shards: a ``local_grad()`` call each). If every
+shard holds the same gradient object as in the previous step (grads kept across steps:
+``zero_grad(set_to_none=False)``, accumulation) at the same data pointers, the step reuses all that
+step prepared (plan, dtype split, the kernels' pointer and chunk tables): two more C-level passes
+(identity, data pointers; see ``check_pointers``) and no Python code per tensor. New gradient
+objects (``set_to_none=True``) rebuild the split and the tables: a few more C-level passes, one per
+tensor property. Gradients are referenced weakly between steps, never kept alive.
 """
 from __future__ import annotations
 
 import math
+import operator
+import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from itertools import compress, repeat
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,8 +34,16 @@ from .. import comm
 from ..backends import describe
 from ..reducer import SlotLayout
 from ..spec import GroupRef, ShardedParam
-from ..kernels import scale_tensors_
+from ..kernels import TensorBatch
 from ..stats import local_maxabs, local_sumsq
+
+_GRAD = operator.attrgetter("grad")
+_LOCAL = operator.attrgetter("_local_tensor")
+_deref = getattr(operator, "call", weakref.ref.__call__)  # operator.call: Python >= 3.11, faster
+
+
+def _no_grad() -> None:
+    """Stands in the weak references for a shard without a grad: "dereferences" to None."""
 
 
 def check_open_unit(name: str, value: float) -> None:
@@ -48,6 +68,16 @@ class _Plan:
     counted: torch.Tensor  # fp32 0/1 per active tensor, for cross-tensor (global) sums
 
 
+@dataclass
+class _Prepared:
+    """A step's host-side work, reused by the next step while the shards hold the same gradient objects."""
+
+    refs: list  # each shard's gradient object, weakly: a strong reference would keep grads alive that
+    # zero_grad(set_to_none=True) dropped
+    plan: _Plan
+    batch: TensorBatch  # dtype split, pointer and chunk tables; it checks the data pointers
+
+
 class GradTransform:
     """Base class. Subclasses set ``state_init`` and implement ``_compute``.
 
@@ -64,6 +94,11 @@ class GradTransform:
     state_init: Dict[str, float] = {}
     needs_max: bool = False
     apply_factors: bool = True  # False: measure only (GradNorm)
+    #: Compare every gradient's data pointer with the kernels' tables each step (Triton path; a C-level
+    #: pass, roughly a third of the host time of a step that reuses them). False: only the objects'
+    #: identity is checked, and a gradient kept across steps must not be moved in place (``.set_()``,
+    #: ``.data =``, ``module.to()`` while grads exist): the kernels would use its old address.
+    check_pointers: bool = True
     tag = "transform"
 
     def __init__(self, params, *, mode: str = "exact", global_group=None, validate: bool = True):
@@ -79,37 +114,57 @@ class GradTransform:
         self.num_steps = 0  # calls to step(); host-side, not data dependent
         self.state: Dict[str, torch.Tensor] = {
             k: torch.full((len(self.shards),), v, dtype=torch.float32) for k, v in self.state_init.items()}
-        self._plans: Dict[tuple, _Plan] = {}
-        self._all: Optional[List[int]] = None
+        self._plans: Dict[Optional[tuple], _Plan] = {}
+        self._all = list(range(len(self.shards)))
+        kinds = {s.kind for s in self.shards}
+        self._params = [s.param for s in self.shards] if kinds in ({"plain"}, {"dtensor"}) else None
+        self._dtensor = kinds == {"dtensor"}
+        self._prepared: Optional[_Prepared] = None
         self._device: Optional[torch.device] = None
 
     # ----------------------------------------------------------------- gradients
-    def _collect(self):
-        """Local gradient pieces of the params that have one, and their indices."""
-        kinds = {s.kind for s in self.shards}
-        if kinds == {"plain"} or kinds == {"dtensor"}:
-            params = [s.param for s in self.shards]
-            raw = [p.grad for p in params]
-            if all(g is not None for g in raw):
-                active = list(range(len(raw))) if self._all is None else self._all
-                self._all = active
-                if kinds == {"dtensor"}:
-                    if tuple(active) not in self._plans:  # placements checked once per plan
-                        raw = [s.local_grad() for s in self.shards]
-                    else:
-                        raw = [g._local_tensor for g in raw]
-                return raw, active
-        grads, active = [], []
-        for i, s in enumerate(self.shards):
-            g = s.local_grad()
-            if g is not None:
-                grads.append(g)
-                active.append(i)
-        return grads, active
+    def _read(self) -> list:
+        """Each shard's gradient (None: it has none): ``param.grad`` in one C-level pass, else ``local_grad()``."""
+        if self._params is not None:
+            return list(map(_GRAD, self._params))
+        return [s.local_grad() for s in self.shards]
+
+    def _pieces(self, raw: list, active: List[int]) -> List[torch.Tensor]:
+        """The local gradient pieces of the ``active`` shards (DTensor: the local tensors; their
+        placements are checked when the plan for ``active`` is built)."""
+        if active is not self._all:
+            raw = list(compress(raw, map(operator.is_not, raw, repeat(None))))
+        if not self._dtensor:
+            return raw
+        if self._plan_key(active) in self._plans:
+            return list(map(_LOCAL, raw))
+        return [self.shards[i].local_grad() for i in active]
+
+    def _prepare(self, raw: list) -> Tuple[List[torch.Tensor], Optional[_Prepared]]:
+        """This step's pieces and preparation (None: no grad at all). The previous step's preparation
+        if every shard holds the same gradient object, with the same data pointers; else a new one."""
+        p = self._prepared
+        if p is not None and all(map(operator.is_, raw, map(_deref, p.refs))):
+            grads = self._pieces(raw, p.plan.active)
+            if not self.check_pointers or p.batch.same_storage(grads):
+                return grads, p
+        has = list(map(operator.is_not, raw, repeat(None)))
+        active = self._all if all(has) else list(compress(self._all, has))
+        if not active:
+            return [], None
+        grads = self._pieces(raw, active)
+        refs = (list(map(weakref.ref, raw)) if active is self._all
+                else [weakref.ref(g) if g is not None else _no_grad for g in raw])
+        p = _Prepared(refs, self._plan(active, grads[0].device), TensorBatch(grads))
+        self._prepared = p
+        return grads, p
 
     # ----------------------------------------------------------------- planning
+    def _plan_key(self, active: List[int]) -> Optional[tuple]:
+        return None if active is self._all else tuple(active)
+
     def _plan(self, active: List[int], device) -> _Plan:
-        key = tuple(active)
+        key = self._plan_key(active)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -162,20 +217,20 @@ class GradTransform:
         ``num_nonfinite``.
         """
         self.num_steps += 1
-        grads, active = self._collect()
-        device = grads[0].device if grads else (self._device or torch.device("cpu"))
-        self._to_device(device)
-        P = len(self.shards)
-        if not grads:
+        grads, prep = self._prepare(self._read())
+        if prep is None:
+            device = self._device or torch.device("cpu")
+            P = len(self.shards)
             z = torch.zeros((), device=device)
             return {"global_norm": z, "norms": torch.zeros(P, device=device), "factors": torch.ones(P, device=device),
                     "num_clipped": z.long(), "num_nonfinite": z.long()}
-        plan = self._plan(active, device)
-        sumsq = plan.sum_layout.complete(local_sumsq(grads), "sum", self.tag)
+        self._to_device(prep.batch.device)
+        plan = prep.plan
+        sumsq = plan.sum_layout.complete(local_sumsq(grads, prep.batch), "sum", self.tag)
         maxabs = plan.max_layout.complete(local_maxabs(grads), "max", self.tag) if plan.max_layout else None
         factors, extra = self._compute(plan, sumsq, maxabs)
         if self.apply_factors:
-            scale_tensors_(grads, factors)
+            prep.batch.scale_(grads, factors)
         norms = sumsq.sqrt()
         finite = torch.isfinite(norms)
         global_norm = extra.pop("global_norm", None)
