@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..kernels import use_triton
 from ..reducer import SlotLayout
 from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_int, check_lr, check_nonneg,
                     check_unit, local_tensor, maxabs_vector, pack_scalars)
@@ -74,8 +75,11 @@ def stable_spam_step(items: Sequence[OptItem], *, step: int, moment_step: int, r
 
     Two dependent reductions, each one all-reduce per process group for all tensors: MAX of
     max|g|, then SUM of the clipped gradients' sums of squares. The per-tensor scalar math is
-    done on fp64 vectors. Returns the per-item ``active`` mask
-    (device tensor; False = skipped: zero or non-finite clipped norm).
+    done in fp64. ``fused`` with Triton (CUDA): six multi-tensor launches for all pieces
+    (:mod:`dist_stab.kernels.stable_spam_kernels`; pieces they do not take, e.g. non-contiguous
+    ones, send the step to the torch path); else torch ops, the element-wise ones compiled when
+    ``fused``. Returns the per-item ``active`` mask (device tensor; False = skipped: zero or
+    non-finite clipped norm).
     """
     if not items:
         return torch.zeros(0)
@@ -93,24 +97,71 @@ def stable_spam_step(items: Sequence[OptItem], *, step: int, moment_step: int, r
     max_layout, sum_layout = lay
     if reset:
         torch._foreach_zero_([it.state["exp_avg"] for it in items] + [it.state["exp_avg_sq"] for it in items])
+    hps, gidx = _hp_groups(items)
+    consts = [_group_constants(hp, t, k) for hp in hps]
+    if fused and sdt == torch.float32 and use_triton(items[0].grad):
+        plan = _triton_plan(items, gidx, cache, key, device)
+        if plan is not None:
+            return _triton_step(plan, consts, max_layout, sum_layout, device, tag)
+    return _torch_step(items, [consts[j] for j in gidx], max_layout, sum_layout, sdt, device, bool(fused), tag)
 
-    # host-side per-item constants (hyperparameters and step counts only), one upload
-    host, rows = [], []
-    for it in items:
-        hp = it.hp
-        s = cosine_factor(t, hp["total_steps"], float(hp["eta_min"]))
-        g1 = float(hp["gamma1"]) * s
-        th, g2 = float(hp["theta"]), float(hp["gamma2"])
-        host.append((th, 1.0 - th ** t, g1, 1.0 - g1 ** t, g2, 1.0 - g2 ** t, float(hp["eps"])))
-        b1, b2 = float(hp["betas"][0]) * s, float(hp["betas"][1])
-        lr, wd = float(hp["lr"]), float(hp["weight_decay"])
-        bc1, bc2 = 1.0 - b1 ** k, 1.0 - b2 ** k
-        rows.append((1.0 - lr * wd, 1.0 - b1, b2, lr / bc1, 1.0 / math.sqrt(bc2), float(hp["eps"])))
-    both = pack_scalars([h + (0.0,) + r for h, r in zip(host, rows)], device, torch.float64, 14)
-    hv, ad = both[:, :7], both[:, 8:14]
 
-    theta, bc_max, g1, bc_m, g2, bc_v, eps = hv.unbind(1)
-    fused_ = bool(fused)
+def _hp_groups(items: Sequence[OptItem]):
+    """The distinct parameter groups of ``items`` and each item's index into them."""
+    groups = {id(it.hp): it.hp for it in items}
+    pos = {key: j for j, key in enumerate(groups)}
+    return list(groups.values()), [pos[id(it.hp)] for it in items]
+
+
+def _group_constants(hp: dict, t: int, k: int) -> tuple:
+    """Host constants of one group at steps (t, k), in ``stable_spam_kernels.CONST_COLUMNS`` order:
+
+    theta, 1-theta^t, g1' = g1 s, 1-g1'^t, g2, 1-g2^t, eps, 1-lr*wd, 1-b1', b2, lr/(1-b1'^k), 1/sqrt(1-b2^k).
+    """
+    s = cosine_factor(t, hp["total_steps"], float(hp["eta_min"]))
+    th, g1, g2 = float(hp["theta"]), float(hp["gamma1"]) * s, float(hp["gamma2"])
+    b1, b2 = float(hp["betas"][0]) * s, float(hp["betas"][1])
+    lr, wd = float(hp["lr"]), float(hp["weight_decay"])
+    return (th, 1.0 - th ** t, g1, 1.0 - g1 ** t, g2, 1.0 - g2 ** t, float(hp["eps"]),
+            1.0 - lr * wd, 1.0 - b1, b2, lr / (1.0 - b1 ** k), 1.0 / math.sqrt(1.0 - b2 ** k))
+
+
+def _triton_plan(items: Sequence[OptItem], gidx: List[int], cache: dict, key: tuple, device):
+    """The kernels' tables for these pieces (None: a piece the kernels do not take), checked again only when a
+    data pointer or the grouping changes; then only the pointer table is uploaded unless shapes, dtypes or
+    alignment changed too."""
+    from ..kernels import stable_spam_kernels as ssk
+
+    roles = [[it.grad for it in items], [it.param for it in items]] + [[it.state[n] for it in items] for n in _STATE]
+    ptrs = list(map(torch.Tensor.data_ptr, [t for r in roles for t in r]))
+    old_sig, plan = cache.get(("triton",) + key, (None, None))
+    if (ptrs, gidx) != old_sig:
+        plan = ssk.make_plan(roles, ptrs, gidx, device, plan)
+        cache[("triton",) + key] = ((ptrs, gidx), plan)
+    return plan
+
+
+_STATE = ("exp_avg", "exp_avg_sq", "m_max", "m_norm", "v_norm")
+
+
+def _triton_step(plan, consts, max_layout: SlotLayout, sum_layout: SlotLayout, device, tag: str) -> torch.Tensor:
+    """The step as :mod:`dist_stab.kernels.stable_spam_kernels` launches around the two all-reduces."""
+    from ..kernels import stable_spam_kernels as ssk
+
+    with torch.cuda.device(device.index if device.type == "cuda" else -1):  # Triton launches on the current device
+        M = ssk.maxabs(plan)
+        table = pack_scalars(consts, device, torch.float64, ssk.NCONST)  # uploads while max|g| runs
+        max_layout.complete(M, "max", tag)
+        S = ssk.clipped_sumsq(plan, M, table)
+        sum_layout.complete(S, "sum", tag)
+        return ssk.adam_update(plan, M, S, table)
+
+
+def _torch_step(items, rows, max_layout: SlotLayout, sum_layout: SlotLayout, sdt, device, fused_: bool,
+                tag: str) -> torch.Tensor:
+    """The step as torch ops on per-item vectors (eager, or the kernels through ``torch.compile``)."""
+    both = pack_scalars(rows, device, torch.float64, 12)
+    theta, bc_max, g1, bc_m, g2, bc_v, eps, decay, a1, b2, step_size, rbc2 = both.unbind(1)
 
     # AdaClip: EMA of the (completed) max|g|; NaN would get lost in a MAX all-reduce, inf does not
     grads = [it.grad for it in items]
@@ -144,9 +195,8 @@ def stable_spam_step(items: Sequence[OptItem], *, step: int, moment_step: int, r
                          list(torch.where(active, v_n_new, v_n).to(state_dt).unbind()))
 
     # Adam with cosine-decayed beta1, bias corrections from k
-    decay = ad[:, 0]
     sc = torch.stack([thr, f, gscale, active.double(), decay, torch.where(finite, decay, torch.ones_like(decay)),
-                      ad[:, 1], ad[:, 2], ad[:, 3], ad[:, 4], ad[:, 5], torch.zeros_like(decay)], 1).to(sdt)
+                      a1, b2, step_size, rbc2, eps, torch.zeros_like(decay)], 1).to(sdt)
     K_ADAM(fused_, [it.param for it in items], grads, [it.state["exp_avg"] for it in items],
            [it.state["exp_avg_sq"] for it in items], sc)
     return active
@@ -172,7 +222,8 @@ class StableSPAM(ShardedOptimizer):
         reset_interval: 1000 (``update_proj_gap``); 0 disables MoRet.
         total_steps: None (``total_T``): no cosine decay; else s goes 1 -> eta_min.
         eta_min: 0.5.  eps: 1e-8 (shared by AdaGN and Adam).  weight_decay: 0.
-        fused: compile the element-wise kernels (None: on CUDA when Triton is available).
+        fused: the step as Triton multi-tensor kernels on CUDA (torch.compile'd element-wise kernels where
+        they do not apply); None: on CUDA when Triton is available.
 
     Distributed: two dependent rounds, each one all-reduce per process group for all tensors
     packed together: MAX of the local max|g|, then SUM of the clipped local sums of squares.
@@ -250,7 +301,7 @@ class StableSPAM(ShardedOptimizer):
                 sdt = torch.float64 if p.dtype == torch.float64 else torch.float32
                 for name in ("m_max", "m_norm", "v_norm"):
                     st[name] = torch.zeros((), dtype=sdt, device=g.device)
-            local = {k_: local_tensor(v) for k_, v in st.items()}
+            local = {k_: local_tensor(v) for k_, v in st.items()} if sp.kind == "dtensor" else st
             items.append(OptItem(sp.spec, sp.local_param(), g, local, group))
         if reset:  # moments of parameters without a gradient this step are reset too
             with_grad = {id(local_tensor(it.state["exp_avg"])) for it in items}
