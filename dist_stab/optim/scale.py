@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import math
+import operator
 import warnings
+import weakref
 from typing import Dict, List, Optional, Sequence, Set
 
 import torch
 
+from ..kernels import use_triton
 from ..reducer import SlotLayout, num_collectives
 from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_lr, check_nonneg, check_unit,
                     local_tensor, pack_scalars, segments, seg_view)
@@ -109,15 +112,237 @@ K_LOCAL = Kernel(_local_many)
 K_ADAMW = Kernel(_adamw_many)
 
 
-def _rows(units) -> list:
-    """Per-block scalars: [lr, 1 - lr*wd, 1 - beta, 1/n_reduced, eps]."""
-    rows = []
-    for _, it, _ in units:
-        lr, wd = float(it.hp["lr"]), float(it.hp["weight_decay"])
-        keep = _KEEP[it.kind]
-        n_red = it.spec.global_numel // max(1, it.spec.global_shape[keep])
-        rows.append((lr, 1.0 - lr * wd, 1.0 - float(it.hp["beta"]), 1.0 / max(1, n_red), float(it.hp["eps"])))
-    return rows
+#: Width of the step's scalar table (:meth:`ScalePlan.run`): a row per param group,
+#: ``[lr, 1 - lr*wd, 1 - beta, 0, eps, 0]``, then a row per (group, 1-D step count),
+#: ``[a, 1 - a*wd, 1 - b1, 1 - b2, eps, a*sqrt(bc2)/bc1]``, ``a = lr * adam_lr_ratio``; padded to 8.
+SC_W = 8
+
+
+def _n_reduced(it) -> int:
+    return max(1, it.spec.global_numel // max(1, it.spec.global_shape[_KEEP[it.kind]]))
+
+
+def _triton_ok(items, fused: bool, sdt: torch.dtype) -> bool:
+    """Whether the Triton kernels (:mod:`dist_stab.kernels.scale_rows`) may take items: fp32 steps; on CUDA
+    when ``fused`` (``fused=False`` is the eager reference), on CPU where :func:`dist_stab.kernels.use_triton`
+    opts in (Triton's interpreter, tests)."""
+    return sdt == torch.float32 and use_triton(items[0].param) and (fused or not items[0].param.is_cuda)
+
+
+def _row_local(items) -> list:
+    """Items for the single-pass row kernel (:class:`dist_stab.kernels.scale_rows.Rows`).
+
+    Matrices and the last layer whose rows are whole on this rank (rectangular pieces that no
+    group completes along their rows: plain, FSDP2 ``Shard(0)``, TP colwise), 2-D, contiguous,
+    fp32/bf16. These items join no collective, so ranks may choose differently (an empty shard
+    stays on the torch path) without changing what the others all-reduce; the choice depends on
+    layouts and dtypes only.
+    """
+    from ..kernels.scale_rows import supported
+
+    return [it for it in items if it.kind in (MATRIX, LAST) and not it.spec.is_flat
+            and all(a.dim == 0 for a in it.spec.axes)  # = not spec.groups(0), without building the tuple
+            and supported(it.param, it.grad, it.state["momentum"] if it.kind == LAST else None)]
+
+
+class _Blocks:
+    """2-D blocks ``units = [(item position, item, segment)]`` for the torch kernels: param and momentum
+    views, and the per-block table ``sc[j] = [lr, decay, 1 - beta, 1/n, eps, 0]`` gathered from the step's."""
+
+    def __init__(self, units, gi, device, sdt):
+        self.units = [(i, s) for i, _, s in units]
+        self.p = [seg_view(it.param, s) for _, it, s in units]
+        self.m = [seg_view(it.state["momentum"], s) if it.kind == LAST else None for _, it, s in units]
+        self.last = [it.kind == LAST for _, it, _ in units]
+        self.keep = [_KEEP[it.kind] for _, it, _ in units]
+        self.gidx = torch.tensor([gi[id(it.hp)] for _, it, _ in units], dtype=torch.long).to(device)
+        cols = torch.zeros((len(units), SC_W), dtype=torch.float64)
+        cols[:, 3] = torch.tensor([1.0 / _n_reduced(it) for _, it, _ in units], dtype=torch.float64)
+        self.inv_n = cols.to(sdt).to(device)
+
+    def grads(self, grads) -> list:
+        return [seg_view(grads[i], s) for i, s in self.units]
+
+    def scalars(self, sc: torch.Tensor) -> torch.Tensor:
+        return sc.index_select(0, self.gidx).add_(self.inv_n)
+
+
+class ScalePlan:
+    """One SCALE step over a fixed list of items; what depends only on the tensors is built once.
+
+    Built here: the kernel of each item (Triton row kernel, Triton 1-D AdamW, else the torch kernels),
+    the 2-D block views, the slot layout, per-block group index and 1/n, kernel tables. Per step
+    (:meth:`run`): one upload of the scalar table (see :data:`SC_W`), read from the live group dicts (an
+    LR scheduler is followed), and the launches. The plan keeps no gradient: :meth:`run` takes the step's
+    gradients (``grads[i]`` of ``items[i]``; same dtypes, shapes and layouts as at build time).
+    ``counters``: more dicts (one per 1-D item, in order) whose ``"step"`` follows the items'.
+    """
+
+    def __init__(self, items: Sequence[OptItem], *, layouts: Optional[Dict] = None, fused: bool = False,
+                 validate: bool = True, tag: str = "SCALE", counters: Sequence[dict] = ()):
+        self.device = device = items[0].param.device
+        self.sdt = sdt = torch.float64 if any(it.param.dtype == torch.float64 for it in items) else torch.float32
+        self.fused, self.tag, self.steps = fused, tag, 0
+        hps = {id(it.hp): it.hp for it in items}
+        self.groups = list(hps.values())
+        gi = {k: i for i, k in enumerate(hps)}
+        pos = {id(it): i for i, it in enumerate(items)}
+        triton = _triton_ok(items, fused, sdt)
+        if triton:
+            from ..kernels import scale_rows
+        # 1-D AdamW: a table row per (group, step count when built)
+        adam = [it for it in items if it.kind == ADAM]
+        combos: Dict[tuple, int] = {}
+        rows = [len(hps) + combos.setdefault((gi[id(it.hp)], int(it.state.get("step", 0))), len(combos))
+                for it in adam]
+        self.combos = list(combos)
+        self.counters = [it.state for it in adam] + list(counters)
+        self.k0 = [int(it.state.get("step", 0)) for it in adam] * (1 + bool(counters))
+        fast_adam = [j for j, it in enumerate(adam) if triton and scale_rows.supported_1d(
+            it.param, it.grad, it.state["exp_avg"], it.state["exp_avg_sq"])]
+        self.adam = self._adam(adam, fast_adam, rows, pos, triton)
+        # matrices, embedding, lm_head
+        fast = _row_local([it for it in items if it.kind != ADAM]) if triton else []
+        self.rows = None
+        if fast:
+            self.rows = (scale_rows.Rows(tuple((it.param.shape, it.param.dtype, it.kind == LAST) for it in fast),
+                                         [gi[id(it.hp)] for it in fast], [1.0 / _n_reduced(it) for it in fast],
+                                         device),
+                         [pos[id(it)] for it in fast], [it.param for it in fast],
+                         [it.state["momentum"] if it.kind == LAST else None for it in fast])
+        done = {id(it) for it in fast}
+        self.norm = self._norm([it for it in items if it.kind != ADAM and id(it) not in done], pos, gi, layouts,
+                               validate)
+
+    def _adam(self, adam, fast, rows, pos, triton):
+        """(Triton plan, positions, p, m, v) of the kernel's pieces, then (positions, p, m, v, rows) of the rest."""
+        out = []
+        taken = set(fast)
+        for sel in (fast, [j for j in range(len(adam)) if j not in taken]):
+            its = [adam[j] for j in sel]
+            lists = ([pos[id(it)] for it in its], [it.param for it in its], [it.state["exp_avg"] for it in its],
+                     [it.state["exp_avg_sq"] for it in its])
+            if sel is fast:
+                out.append((self._adam_plan(its, [rows[j] for j in sel]),) + lists if its else None)
+            else:
+                out.append(lists + (torch.tensor([rows[j] for j in sel], dtype=torch.long).to(self.device),)
+                           if its else None)
+        return out
+
+    def _adam_plan(self, its, rows):
+        from ..kernels import scale_rows
+
+        return scale_rows.AdamW(tuple((it.param.numel(), it.param.dtype) for it in its), rows, self.device)
+
+    def _norm(self, items, pos, gi, layouts, validate):
+        """The torch path of matrices / embedding / lm_head: blocks, slot layout, per-row 1/n and group."""
+        if not items:
+            return None
+        device, sdt = self.device, self.sdt
+        key = tuple((it.spec.fqn, it.kind, it.spec.kept_length(_KEEP[it.kind])) for it in items)
+        cache = layouts if layouts is not None else {}
+        hit = cache.get(key)
+        if hit is None:
+            segs = [segments(it.spec, _KEEP[it.kind]) for it in items]
+            lens = [it.spec.kept_length(_KEEP[it.kind]) for it in items]
+            groups = [it.spec.groups(_KEEP[it.kind]) for it in items]
+            layout = SlotLayout([f"{it.spec.fqn}:{it.kind}" for it in items], lens, groups, validate, device)
+            inv_n = torch.cat([torch.full((n,), 1.0 / _n_reduced(it), dtype=sdt) for n, it in zip(lens, items)]
+                              ).to(device) if sum(lens) else torch.zeros(0, dtype=sdt, device=device)
+            hit = cache[key] = (segs, lens, layout, inv_n)
+        segs, lens, layout, inv_n = hit
+        units = [(pos[id(it)], it, s) for it, sg in zip(items, segs) for s in sg]
+        local_only = bool(units) and num_collectives(layout) == 0 and not any(it.spec.is_flat for it in items)
+        # nothing to complete: norms and update of the matrices in one graph (no host gap between the
+        # phases); the last layer keeps the two phases (inductor 2.11 miscompiles a row reduction of m
+        # fused with the in-place write of m in one graph)
+        loc = _Blocks([u for u in units if u[1].kind != LAST], gi, device, sdt) if local_only else None
+        if local_only:
+            units = [u for u in units if u[1].kind == LAST]
+        blocks = _Blocks(units, gi, device, sdt)
+        row_group = torch.repeat_interleave(torch.tensor([gi[id(it.hp)] for it in items], dtype=torch.long),
+                                            torch.tensor(lens, dtype=torch.long)).to(device)
+        # per item: (flat, kept length, vector slices of its blocks); per block: its slice of the buffer
+        parts = [(it.spec.is_flat, n, [s.vec for s in sg]) for it, n, sg in zip(items, lens, segs)]
+        ipos = {id(it): i for i, it in enumerate(items)}
+        umeta = []
+        for _, it, s in units:
+            base = layout.offsets[ipos[id(it)]]
+            lo, hi = (base + s.vec[0], base + s.vec[1]) if it.spec.is_flat else (base, base + s.vec[1] - s.vec[0])
+            umeta.append((it.kind == LAST, _KEEP[it.kind], lo, hi))
+        return local_only, loc, blocks, layout, inv_n, row_group, parts, tuple(umeta)
+
+    def run(self, grads: Sequence[torch.Tensor]) -> None:
+        """One step: params and state updated in place; the 1-D step counters advanced."""
+        self.steps += 1
+        rows = []
+        for hp in self.groups:
+            lr, wd = float(hp["lr"]), float(hp["weight_decay"])
+            rows.append((lr, 1.0 - lr * wd, 1.0 - float(hp["beta"]), 0.0, float(hp["eps"]), 0.0))
+        for g, k0 in self.combos:
+            hp, k = self.groups[g], k0 + self.steps
+            b1, b2 = (float(b) for b in hp["adam_betas"])
+            alr = float(hp["lr"]) * float(hp["adam_lr_ratio"])
+            rows.append((alr, 1.0 - alr * float(hp["weight_decay"]), 1.0 - b1, 1.0 - b2, float(hp["eps"]),
+                         alr * math.sqrt(1.0 - b2 ** k) / (1.0 - b1 ** k)))
+        sc = pack_scalars(rows, self.device, self.sdt, SC_W)
+        for st, k0 in zip(self.counters, self.k0):
+            st["step"] = k0 + self.steps
+        if self.rows is not None:
+            plan, idx, ps, ms = self.rows
+            plan.step_(ps, [grads[i] for i in idx], ms, sc)
+        if self.norm is not None:
+            self._run_norm(grads, sc)
+        fast, rest = self.adam
+        if fast is not None:
+            plan, idx, ps, ms, vs = fast
+            plan.step_(ps, [grads[i] for i in idx], ms, vs, sc)
+        if rest is not None:
+            idx, ps, ms, vs, ridx = rest
+            K_ADAMW(self.fused, ps, [grads[i] for i in idx], ms, vs, sc.index_select(0, ridx))
+
+    def _run_norm(self, grads, sc) -> None:
+        local_only, loc, blocks, layout, inv_n, row_group, parts, umeta = self.norm
+        fused, device, sdt = self.fused, self.device, self.sdt
+        if loc is not None and loc.p:
+            K_LOCAL(fused, loc.p, loc.grads(grads), [None] * len(loc.p), loc.scalars(sc),
+                    tuple(zip([False] * len(loc.p), loc.keep)))
+        if not blocks.p:
+            return
+        # 1) local partial row norms (of g; of the updated momentum for the last layer), squared at once.
+        #    Blocks = 2-D views: one per rectangular piece, up to three per flat piece.
+        usc = blocks.scalars(sc)
+        g2 = blocks.grads(grads)
+        norms = K_NORMS(fused, g2, blocks.m, usc, tuple(zip(blocks.last, blocks.keep)))
+        if local_only:  # the last layer of a local-only step
+            sqs = [n.square() for n in norms]
+            inv = torch.cat([torch.maximum((q * usc[j, 3]).sqrt(), usc[j, 4]).reciprocal() for j, q in enumerate(sqs)])
+            ok = torch.isfinite(torch.cat(sqs))
+            umeta, off = [], 0
+            for n in norms:
+                umeta.append((True, 0, off, off + n.numel()))
+                off += n.numel()
+            K_UPDATE(fused, blocks.p, g2, blocks.m, inv, ok, usc, tuple(umeta))
+            return
+        vecs, u = [], 0
+        for flat, n, sl in parts:
+            if flat:  # partial rows of a flat piece add up as squares
+                part = torch.zeros(n, dtype=sdt, device=device)
+                for lo, hi in sl:
+                    part[lo:hi] += norms[u].square()
+                    u += 1
+                vecs.append(part.sqrt())
+            else:
+                vecs.append(norms[u])
+                u += 1
+        buf = torch.cat(vecs).square_() if vecs else torch.zeros(0, dtype=sdt, device=device)
+        # 2) complete them: one SUM per group, for all tensors together
+        layout.complete(buf, "sum", self.tag)
+        # 3) 1 / max(RMS, eps) per row/column; a non-finite statistic skips its row/column
+        inv = torch.maximum((buf * inv_n).sqrt(), sc[:, 4].index_select(0, row_group)).reciprocal()
+        ok = torch.isfinite(buf)
+        # 4) update, block by block; a block's scales are a slice of the completed buffer
+        K_UPDATE(fused, blocks.p, g2, blocks.m, inv, ok, usc, umeta)
 
 
 # ----------------------------------------------------------------------------- functional core
@@ -131,103 +356,13 @@ def scale_step(items: Sequence[OptItem], *, layouts: Optional[Dict] = None, fuse
     ``item.hp`` needs ``lr``, ``weight_decay``, ``beta``, ``eps``, ``adam_lr_ratio``, ``adam_betas``.
 
     All per-row/per-column partial sums of squares are packed in one buffer and completed with
-    one SUM all-reduce per process group (none when every reduced dim is local).
+    one SUM all-reduce per process group (none when every reduced dim is local). With ``fused``
+    on CUDA, matrices and the last layer whose rows are local skip the buffer: the Triton row
+    kernel updates them in one pass (see :func:`_row_local`), and the 1-D AdamW is one Triton
+    launch. :class:`ScalePlan` is this step built once for many (what :class:`SCALE` does).
     """
-    if not items:
-        return
-    device = items[0].param.device
-    norm_items = [it for it in items if it.kind != ADAM]
-    adam_items = [it for it in items if it.kind == ADAM]
-    sdt = torch.float64 if any(it.param.dtype == torch.float64 for it in items) else torch.float32
-
-    if norm_items:
-        key = tuple((it.spec.fqn, it.kind, it.spec.kept_length(_KEEP[it.kind]), float(it.hp["eps"]))
-                    for it in norm_items)
-        cache = layouts if layouts is not None else {}
-        plan = cache.get(key)
-        if plan is None:
-            segs = [segments(it.spec, _KEEP[it.kind]) for it in norm_items]
-            lens = [it.spec.kept_length(_KEEP[it.kind]) for it in norm_items]
-            groups = [it.spec.groups(_KEEP[it.kind]) for it in norm_items]
-            layout = SlotLayout([f"{it.spec.fqn}:{it.kind}" for it in norm_items], lens, groups, validate, device)
-            n_red = [it.spec.global_numel // max(1, it.spec.global_shape[_KEEP[it.kind]]) for it in norm_items]
-            inv_n = torch.cat([torch.full((n,), 1.0 / max(1, r), dtype=sdt) for n, r in zip(lens, n_red)]
-                              ).to(device) if sum(lens) else torch.zeros(0, dtype=sdt, device=device)
-            eps = torch.tensor([float(it.hp["eps"]) for it in norm_items], dtype=sdt)
-            eps_vec = torch.repeat_interleave(eps, torch.tensor(lens, dtype=torch.long)).to(device)
-            plan = (segs, layout, inv_n, eps_vec)
-            cache[key] = plan
-        segs, layout, inv_n, eps_vec = plan
-        # 1) local partial row norms (of g; of the updated momentum for the last layer), squared at once.
-        #    Blocks = 2-D views: one per rectangular piece, up to three per flat piece.
-        units = [(i, it, s) for i, (it, sg) in enumerate(zip(norm_items, segs)) for s in sg]
-        local_only = bool(units) and num_collectives(layout) == 0 and not any(it.spec.is_flat for it in norm_items)
-        if local_only:
-            # nothing to complete: norms and update of the matrices in one graph (no host gap between
-            # the phases); the last layer keeps the two phases (inductor 2.11 miscompiles a row
-            # reduction of m fused with the in-place write of m in one graph)
-            loc = [u for u in units if u[1].kind != LAST]
-            if loc:
-                K_LOCAL(fused, [seg_view(it.param, s) for _, it, s in loc], [seg_view(it.grad, s) for _, it, s in loc],
-                        [None] * len(loc), pack_scalars(_rows(loc), device, sdt, 5),
-                        tuple((False, _KEEP[it.kind]) for _, it, s in loc))
-            units = [u for u in units if u[1].kind == LAST]
-        usc = pack_scalars(_rows(units), device, sdt, 5)
-        g2 = [seg_view(it.grad, s) for _, it, s in units]
-        m2 = [seg_view(it.state["momentum"], s) if it.kind == LAST else None for _, it, s in units]
-        meta = tuple((it.kind == LAST, _KEEP[it.kind]) for _, it, s in units)
-    if norm_items and local_only and units:  # the last layer of a local-only step
-        norms = K_NORMS(fused, g2, m2, usc, meta)
-        sqs = [n.square() for n in norms]
-        inv = torch.cat([torch.maximum((q * usc[j, 3]).sqrt(), usc[j, 4]).reciprocal() for j, q in enumerate(sqs)])
-        ok = torch.isfinite(torch.cat(sqs))
-        umeta, off = [], 0
-        for n, (_, it, s) in zip(norms, units):
-            umeta.append((True, 0, off, off + n.numel()))
-            off += n.numel()
-        K_UPDATE(fused, [seg_view(it.param, s) for _, it, s in units], g2, m2, inv, ok, usc, tuple(umeta))
-    elif norm_items and units:
-        norms = K_NORMS(fused, g2, m2, usc, meta)
-        parts, u = [], 0
-        for i, (it, sg) in enumerate(zip(norm_items, segs)):
-            keep = _KEEP[it.kind]
-            if it.spec.is_flat:  # partial rows of a flat piece add up as squares
-                part = torch.zeros(it.spec.kept_length(keep), dtype=sdt, device=device)
-                for s in sg:
-                    part[s.vec[0]:s.vec[1]] += norms[u].square()
-                    u += 1
-                parts.append(part.sqrt())
-            else:
-                parts.append(norms[u])
-                u += 1
-        buf = torch.cat(parts).square_() if parts else torch.zeros(0, dtype=sdt, device=device)
-        # 2) complete them: one SUM per group, for all tensors together
-        layout.complete(buf, "sum", tag)
-        # 3) 1 / max(RMS, eps) per row/column; a non-finite statistic skips its row/column
-        inv = torch.maximum((buf * inv_n).sqrt(), eps_vec).reciprocal()
-        ok = torch.isfinite(buf)
-        # 4) update, block by block; a block's scales are a slice of the completed buffer
-        umeta = []
-        for i, it, s in units:
-            base = layout.offsets[i]
-            lo, hi = (base + s.vec[0], base + s.vec[1]) if it.spec.is_flat else (base, base + s.vec[1] - s.vec[0])
-            umeta.append((it.kind == LAST, _KEEP[it.kind], lo, hi))
-        if units:
-            K_UPDATE(fused, [seg_view(it.param, s) for _, it, s in units], g2, m2, inv, ok, usc, tuple(umeta))
-
-    if adam_items:
-        rows = []
-        for it in adam_items:
-            it.state["step"] = int(it.state.get("step", 0)) + 1
-            k = it.state["step"]
-            b1, b2 = (float(b) for b in it.hp["adam_betas"])
-            alr = float(it.hp["lr"]) * float(it.hp["adam_lr_ratio"])
-            wd = float(it.hp["weight_decay"])
-            bc1, bc2 = 1.0 - b1 ** k, 1.0 - b2 ** k
-            rows.append((alr, 1.0 - alr * wd, 1.0 - b1, 1.0 - b2, float(it.hp["eps"]), alr * math.sqrt(bc2) / bc1))
-        sc = pack_scalars(rows, device, sdt, 6)
-        K_ADAMW(fused, [it.param for it in adam_items], [it.grad for it in adam_items],
-                [it.state["exp_avg"] for it in adam_items], [it.state["exp_avg_sq"] for it in adam_items], sc)
+    if items:
+        ScalePlan(items, layouts=layouts, fused=fused, validate=validate, tag=tag).run([it.grad for it in items])
 
 
 # ----------------------------------------------------------------------------- model inspection
@@ -311,7 +446,9 @@ class SCALE(ShardedOptimizer):
             embedding: None (default) raises; ``"last"``: momentum + per-row normalisation;
             ``"embedding"``: per-hidden-unit normalisation over vocab without momentum (what
             the authors' name matching does).
-        fused: compile the element-wise kernels (None: on CUDA when Triton is available).
+        fused: fast kernels (None: on CUDA when Triton is available): single-pass Triton row
+            kernels for the matrices and the lm_head whose rows are local, ``torch.compile`` for
+            the rest; False: the same math in eager torch.
 
     Distributed: per-row (per-column for the embedding) partial sums of squares of all
     tensors are packed into one buffer and completed with one SUM all-reduce per process
@@ -368,6 +505,7 @@ class SCALE(ShardedOptimizer):
             check_betas("adam_betas", g["adam_betas"])
             check_nonneg("eps", g["eps"], positive=True)
         self._kinds = self._classify(model, last_layer, embeddings, tied_embeddings)
+        self.cache_builds = 0  # how often step() built its items and plan
 
     # ------------------------------------------------------------------ classification
     def _classify(self, model, last_layer, embeddings, tied) -> Dict[int, str]:
@@ -438,16 +576,17 @@ class SCALE(ShardedOptimizer):
             lr = float(param_group.get("lr", self.defaults["lr"]))
             param_group["adam_lr_ratio"] = float(param_group.pop("adam_lr")) / lr if lr > 0 else 0.0
         super().add_param_group(param_group)
+        self._cache = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._cache = None
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _plan(self, raw: list):
+        """(:class:`_StepCache` of the parameters with a gradient (state created on first use), their gradients)."""
         items: List[OptItem] = []
-        owners = []
+        owners, shards = [], []
         for group, p, sp, g in self._collect():
             kind = self.kind_of(p)
             st = self.state[p]
@@ -460,10 +599,72 @@ class SCALE(ShardedOptimizer):
             local = {k: (local_tensor(v) if torch.is_tensor(v) else v) for k, v in st.items()}
             items.append(OptItem(sp.spec, sp.local_param(), g, local, group, kind))
             owners.append(p)
-        if items:
-            scale_step(items, layouts=self._layouts, fused=self._fused(items[0].param.device),
-                       validate=self.validate, tag=self.tag)
-            for it, p in zip(items, owners):  # the host-side step counter of the 1-D AdamW
-                if it.kind == ADAM:
-                    self.state[p]["step"] = it.state["step"]
+            shards.append(sp)
+        if not items:
+            return _StepCache(self.state, raw, [], [], None, None), []
+        plan = ScalePlan(items, layouts=self._layouts, fused=self._fused(items[0].param.device),
+                         validate=self.validate, tag=self.tag,
+                         counters=[self.state[p] for it, p in zip(items, owners) if it.kind == ADAM])
+        kinds = {sp.kind for sp in shards}
+        grad_of = (_GRAD if kinds == {"plain"} else _LOCAL_GRAD if kinds == {"dtensor"} else None)
+        return (_StepCache(self.state, raw, owners if kinds == {"plain"} else [], owners, plan, grad_of),
+                [it.grad for it in items])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step. The items and their :class:`ScalePlan` are kept while every parameter holds the
+        gradient object it held last step (and plain parameters their storage); a changed gradient,
+        ``load_state_dict`` or ``add_param_group`` builds them again."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for g in self.param_groups for p in g["params"]]
+        raw = list(map(_GRAD, params))
+        c = self._cache
+        if c is None or not c.valid(self.state, raw):
+            c, grads = self._plan(raw)
+            self._cache = c
+            self.cache_builds += 1
+        else:
+            grads = c.grads()
+        if c.plan is not None:
+            c.plan.run(grads)
         return loss
+
+
+_GRAD = operator.attrgetter("grad")
+
+
+def _LOCAL_GRAD(p):
+    return p.grad._local_tensor
+
+
+class _StepCache:
+    """What :meth:`SCALE.step` reuses: weak references to last step's gradients (the cache must not keep a
+    freed gradient alive), the data pointers of plain parameters, the plan, and how to read the local
+    gradients (None: ``local_grad()`` is not ``param.grad``; such a cache is valid for one step)."""
+
+    def __init__(self, state, raw, plain, owners, plan, grad_of):
+        self.state, self.plan, self.owners, self.grad_of, self.plain = state, plan, owners, grad_of, plain
+        self.refs = [None if g is None else weakref.ref(g) for g in raw]
+        self.ptrs = list(map(torch.Tensor.data_ptr, plain))
+
+    def valid(self, state, raw) -> bool:
+        return (self.grad_of is not None and state is self.state and len(raw) == len(self.refs)
+                and all(map(operator.is_, raw, map(_deref, self.refs)))
+                and list(map(torch.Tensor.data_ptr, self.plain)) == self.ptrs)
+
+    def grads(self) -> list:
+        return list(map(self.grad_of, self.owners))
+
+
+_DEAD = object()
+
+
+def _deref(ref):
+    """The referenced gradient; None where there was none; a gradient since freed matches nothing."""
+    if ref is None:
+        return None
+    g = ref()
+    return _DEAD if g is None else g
