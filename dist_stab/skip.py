@@ -15,7 +15,10 @@ were. How the optimizer update is dropped (``mode``):
 * ``"restore"`` (other torch optimizers): parameters and optimizer state are copied before
   the step and put back with ``torch.where`` (no host sync; costs one copy of parameters and
   state in memory). The very first step, before the optimizer has created its state, decides
-  on the host once;
+  on the host once. State that lives on the host while the decision is on the GPU (torch
+  Adam/AdamW's ``step`` counters unless ``fused=True`` or ``capturable=True``) cannot be put
+  back without reading the decision: such an optimizer is stepped the ``"host_sync"`` way, with
+  a one-time warning naming the fix;
 * ``"host_sync"``: ``if not skip: optimizer.step()`` — one host sync per step, no memory. Also used
   for optimizers that keep their step counters on the host (``host_step_counters = True``: SCALE,
   StableSPAM, SPAM), whose counters a device-side restore could not roll back.
@@ -26,6 +29,7 @@ Every skip is counted (``skipped``) and its step number kept in a device ring of
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -54,6 +58,7 @@ class SkipStep:
         self.steps = 0  # host-side call counter: the step number written to the log
         self.log = torch.full((self.log_size,), -1, dtype=torch.int64)
         self._snap: List[torch.Tensor] = []
+        self._warned_host_state = False
 
     @property
     def needs_monitor(self) -> bool:
@@ -103,6 +108,16 @@ class SkipStep:
         tensors = [_local(p.detach()) for p in params]
         for p in params:
             tensors += [_local(v) for v in optimizer.state[p].values() if torch.is_tensor(v)]
+        if skip.device.type != "cpu" and any(t.device.type == "cpu" for t in tensors):
+            if not self._warned_host_state:
+                self._warned_host_state = True
+                warnings.warn(f"SkipStep(mode='restore'): {type(optimizer).__name__} keeps part of its state on the host "
+                              "(e.g. torch AdamW's step counters without fused=True or capturable=True); its skip "
+                              "decision is read on the host, one sync per step. Use AdamW(fused=True) for a "
+                              "sync-free skip.", RuntimeWarning)
+            if not bool(skip):  # host-sync-ok: state on the host cannot be restored from a device decision
+                optimizer.step()
+            return
         if len(self._snap) != len(tensors) or any(a.shape != b.shape for a, b in zip(self._snap, tensors)):
             self._snap = [t.clone() for t in tensors]
         else:

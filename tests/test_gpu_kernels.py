@@ -70,7 +70,9 @@ def test_no_host_sync_in_transform_and_optimizer_steps():
     for o in opts:
         grads()
         o.step()
-    wrapped = ds.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3), ds.AdaGC(model.named_parameters(), warmup_steps=0),
+    # fused=True: AdamW's step counters live on the GPU, so a skipped step is undone without a sync
+    # (the foreach AdamW keeps them on the host: SkipStep then reads the decision, with a warning)
+    wrapped = ds.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), ds.AdaGC(model.named_parameters(), warmup_steps=0),
                       skip=ds.SkipStep(grad_z=6.0), monitor=ds.SpikeMonitor(min_history=2))
     grads()
     wrapped.step(loss=torch.ones((), device="cuda"))
@@ -85,3 +87,23 @@ def test_no_host_sync_in_transform_and_optimizer_steps():
         wrapped.step(loss=torch.ones((), device="cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_restore_skip_with_host_step_counters_warns_and_skips():
+    """torch AdamW (foreach) keeps its step counters on the host: SkipStep cannot undo them from a device
+    decision, so it reads the decision (one warning) and a skipped step still leaves everything untouched."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).cuda()
+    opt = ds.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True), ds.AdaGC(model.named_parameters()),
+                  skip=ds.SkipStep())
+    model(torch.randn(3, 8, device="cuda")).sum().backward()
+    opt.step()  # creates the state
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [opt.optimizer.state[p]["step"].clone() for p in model.parameters()]
+    model.weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="keeps part of its state on the host"):
+        opt.step()
+    for p, b, s in zip(model.parameters(), before, steps):
+        assert torch.equal(p.detach(), b)
+        assert torch.equal(opt.optimizer.state[p]["step"], s)
+    assert int(opt.skip.skipped) == 1

@@ -122,12 +122,25 @@ def _mpirun():
 
 
 @pytest.mark.dist
+def _json_objects(text: str) -> list:
+    """Every JSON object in ``text``: mpirun forwards the ranks' stdout, and two lines can end up on one."""
+    dec, out, i = json.JSONDecoder(), [], text.find("{")
+    while i >= 0:
+        try:
+            obj, i = dec.raw_decode(text, i)
+            out.append(obj)
+        except ValueError:
+            i += 1
+        i = text.find("{", i)
+    return out
+
+
 def test_mpirun_two_processes_gloo_all_reduce():
     exe = _mpirun()
     p = subprocess.run([exe, "--allow-run-as-root", "-np", "2", sys.executable, str(REPO / "tests" / "mpi_worker.py")],
                        env=_clean_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr  # non-zero also if a rank left without MPI_Finalize
-    rows = sorted((json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")), key=lambda r: r["rank"])
+    rows = sorted(_json_objects(p.stdout), key=lambda r: r["rank"])
     assert [r["rank"] for r in rows] == [0, 1], p.stdout + p.stderr
     for r in rows:
         assert r["world"] == r["dist_world"] == 2 and r["dist_rank"] == r["rank"] == r["local_rank"]

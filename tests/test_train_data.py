@@ -136,10 +136,10 @@ def test_injected_gradient_spikes_and_quality_benchmark(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out.with_suffix(".json")).read_text())["results"]
-    plain, spiked = res["AdamW+GlobalClip|lr=0.001"], res["AdamW+GlobalClip|spike"]
-    assert len(plain["losses"]) == len(spiked["losses"]) == 4
-    assert plain["losses"][:2] == spiked["losses"][:2]  # identical until the first injected spike (step 2)
-    norms = [json.loads(x).get("grad_norm") for x in (tmp_path / "runs" / "AdamW+GlobalClip_spike" /
+    plain, spiked = res["AdamW+GlobalClip|lr=0.001"], res["AdamW+GlobalClip|spike=0.001"]
+    assert len(plain["train"]) == len(spiked["train"]) == 4  # [step, loss] pairs
+    assert plain["train"][:2] == spiked["train"][:2]  # identical until the first injected spike (step 2)
+    norms = [json.loads(x).get("grad_norm") for x in (tmp_path / "runs" / "AdamW-GlobalClip_spike=0.001" /
                                                        "metrics.jsonl").read_text().splitlines()]
     norms = [n for n in norms if n is not None]
     assert norms[1] > 100 * norms[0] and norms[3] > 100 * norms[2]  # steps 2 and 4 carry the x1000 spike
