@@ -295,3 +295,20 @@ def maxabs_vector(grads: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Te
             return vals
         out[idx] = vals
     return out
+
+
+# ----------------------------------------------------------------------------- multi-tensor (foreach) helpers
+def resolve_foreach(foreach: Optional[bool], fused: bool) -> bool:
+    """Whether an element-wise step runs as ``torch._foreach_*`` ops: None = when the fused path is not used."""
+    if foreach is None:
+        return not fused
+    return bool(foreach)
+
+
+def group_indices(*lists: Sequence[torch.Tensor]) -> List[List[int]]:
+    """Indices of the items grouped by (device, dtype of each list's tensor), in first-seen order."""
+    groups: Dict[tuple, List[int]] = {}
+    for j in range(len(lists[0])):
+        key = tuple((lst[j].device, lst[j].dtype) for lst in lists)
+        groups.setdefault(key, []).append(j)
+    return list(groups.values())

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_int, check_lr, check_nonneg,
-                    local_tensor, pack_scalars)
+                    group_indices, local_tensor, pack_scalars, resolve_foreach)
 
 
 def warmup_scale(current_step: int, warmup_steps: int) -> float:
@@ -46,14 +46,62 @@ def _spam_many(ps, gs, ms, vs, sc):
 K_SPAM = Kernel(_spam_many)
 
 
+def _spam_foreach(ps, gs, ms, vs, rows, sdt) -> None:
+    """:func:`_spam_many` as ``torch._foreach_*`` ops per (device, dtype) group, same op order and rounding.
+
+    ``rows`` are the host rows of the scalar table; they are rounded to ``sdt`` here (host only) and
+    passed as Python scalar lists, so each op sees the values the per-tensor kernel reads from ``sc``.
+    The element-wise skip of non-finite gradient entries stays one ``isfinite`` + ``where`` per tensor
+    (no foreach comparison/select exists); the results go back with one ``_foreach_copy_``.
+    """
+    host = torch.tensor([list(r) for r in rows], dtype=torch.float64).to(sdt)
+    omb2 = (1.0 - host[:, 1]).tolist()  # (1 - sc[1]) in sdt, as the per-tensor kernel computes it
+    cols = host.t().tolist()
+    for idx in group_indices(ps, gs, ms, vs):
+        p_, g_, m_, v_ = ([lst[j] for j in idx] for lst in (ps, gs, ms, vs))
+        gf, mf, vf, pf = ([t.to(sdt) for t in lst] for lst in (g_, m_, v_, p_))  # may alias: read only
+        # spike clipping where the row's flag is on: min(max(g, -sqrt(thr v)), sqrt(thr v))
+        gc = list(gf)
+        cl = [i for i, j in enumerate(idx) if cols[2][j] > 0]
+        if cl:
+            bound = torch._foreach_mul([vf[i] for i in cl], [cols[3][idx[i]] for i in cl])
+            torch._foreach_sqrt_(bound)
+            c = torch._foreach_maximum([gf[i] for i in cl], torch._foreach_neg(bound))
+            torch._foreach_minimum_(c, bound)
+            for i, t in zip(cl, c):
+                gc[i] = t
+        # m + (1-b1) (g - m)
+        mn = torch._foreach_sub(gc, mf)
+        torch._foreach_mul_(mn, [cols[0][j] for j in idx])
+        mn = torch._foreach_add(mf, mn)
+        # v b2 + (1-b2) g^2
+        gg = torch._foreach_mul(gc, gc)
+        torch._foreach_mul_(gg, [omb2[j] for j in idx])
+        vn = torch._foreach_mul(vf, [cols[1][j] for j in idx])
+        torch._foreach_add_(vn, gg)
+        # (p - step * m / (sqrt(v) + eps)) * decay
+        den = torch._foreach_sqrt(vn)
+        torch._foreach_add_(den, [cols[5][j] for j in idx])
+        q = torch._foreach_div(mn, den)
+        torch._foreach_mul_(q, [cols[4][j] for j in idx])
+        new = torch._foreach_sub(pf, q)
+        torch._foreach_mul_(new, [cols[6][j] for j in idx])
+        oks = [torch.isfinite(t) for t in gf]
+        src = ([torch.where(ok, a, b) for ok, a, b in zip(oks, mn, mf)] + [torch.where(ok, a, b) for ok, a, b in zip(oks, vn, vf)]
+               + [torch.where(ok, a, b) for ok, a, b in zip(oks, new, pf)])
+        torch._foreach_copy_(m_ + v_ + p_, src)
+
+
 def spam_step(items: Sequence[OptItem], *, total_step: int, current_step: int, moment_step: int,
-              fused: bool = False) -> None:
+              fused: bool = False, foreach: Optional[bool] = None) -> None:
     """One SPAM step on local pieces (element-wise: no collective).
 
     ``total_step`` = steps done before this one (the reset/clip schedule uses ``cs = total_step + 1``),
     ``current_step`` = steps since the last warm-up restart, ``moment_step`` = k (never reset).
     ``item.state``: ``exp_avg``, ``exp_avg_sq``; ``item.hp``: ``lr``, ``betas``, ``eps``,
     ``weight_decay``, ``threshold``, ``reset_interval``, ``warmup_steps``, ``grad_accu_steps``.
+    ``foreach``: when not ``fused``, the update as ``torch._foreach_*`` ops (None: yes; False: the
+    per-tensor loop, the reference).
     """
     if not items:
         return
@@ -75,8 +123,12 @@ def spam_step(items: Sequence[OptItem], *, total_step: int, current_step: int, m
         rows.append((1.0 - b1, b2, 1.0 if clip else 0.0, th, step_size, float(hp["eps"]), 1.0 - lr * wd))
     if to_zero:
         torch._foreach_zero_(to_zero)
-    sc = pack_scalars(rows, device, sdt, 7)
     fused_ = bool(fused)
+    if not fused_ and resolve_foreach(foreach, fused_):
+        _spam_foreach([it.param for it in items], [it.grad for it in items], [it.state["exp_avg"] for it in items],
+                      [it.state["exp_avg_sq"] for it in items], rows, sdt)
+        return
+    sc = pack_scalars(rows, device, sdt, 7)
     K_SPAM(fused_, [it.param for it in items], [it.grad for it in items], [it.state["exp_avg"] for it in items],
            [it.state["exp_avg_sq"] for it in items], sc)
 
@@ -102,6 +154,7 @@ class SPAM(ShardedOptimizer):
         released launcher passes the LR warm-up, 1000; pytorch-optimizer's default is 50).
         grad_accu_steps: 20.  eps: 1e-6.  weight_decay: 0.
         fused: compile the element-wise kernel (None: on CUDA when Triton is available).
+        foreach: unfused update as ``torch._foreach_*`` ops over all tensors (None: whenever not fused; False: per-tensor loop).
 
     Distributed: none needed; every operation is element-wise on the local piece, so any
     sharding gives the same result with zero collectives. Moments are DTensors with the
@@ -119,7 +172,8 @@ class SPAM(ShardedOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), threshold: float = 5000,
                  reset_interval: int = 500, warmup_steps: int = 150, grad_accu_steps: int = 20,
-                 eps: float = 1e-6, weight_decay: float = 0.0, *, fused: Optional[bool] = None):
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, fused: Optional[bool] = None,
+                 foreach: Optional[bool] = None):
         check_lr("lr", lr)
         check_betas("betas", betas)
         check_nonneg("threshold", threshold)
@@ -132,6 +186,7 @@ class SPAM(ShardedOptimizer):
                         warmup_steps=warmup_steps, grad_accu_steps=grad_accu_steps, eps=eps,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, fused=fused)
+        self.foreach = foreach
         for g in self.param_groups:
             self._init_counters(g)
 
@@ -176,7 +231,7 @@ class SPAM(ShardedOptimizer):
                     torch._foreach_zero_(rest)
         if items:
             spam_step(items, total_step=total, current_step=current, moment_step=k,
-                      fused=self._fused(items[0].param.device))
+                      fused=self._fused(items[0].param.device), foreach=self.foreach)
         total += 1
         current += 1
         for group in self.param_groups:

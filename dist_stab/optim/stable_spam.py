@@ -9,7 +9,7 @@ import torch
 from ..kernels import use_triton
 from ..reducer import SlotLayout
 from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_int, check_lr, check_nonneg,
-                    check_unit, local_tensor, maxabs_vector, pack_scalars)
+                    check_unit, group_indices, local_tensor, maxabs_vector, pack_scalars, resolve_foreach)
 
 
 def cosine_factor(step: int, total_steps: Optional[int], eta_min: float) -> float:
@@ -61,9 +61,69 @@ K_CLIPPED_SUMSQ = Kernel(_clipped_sumsq_many)
 K_ADAM = Kernel(_adam_many)
 
 
+def _col(sc, c, idx):
+    """Column ``c`` of the scalar table for items ``idx`` as 0-d views (no copy, no host sync)."""
+    col = sc[:, c]
+    return [col[j] for j in idx]
+
+
+def _clipped_foreach(gs, sc):
+    """AdaClip'd gradients ``where(|g| > thr, g f, g)`` (in ``sc.dtype``) with the multiplications as
+    ``torch._foreach_*`` ops per (device, dtype) group; the per-element select is one compare + ``where``
+    per tensor. Bitwise the ``c`` of :func:`_clipped_sumsq` / :func:`_adam_update`."""
+    out = [None] * len(gs)
+    for idx in group_indices(gs):
+        gf = [gs[j].to(sc.dtype) for j in idx]  # may alias: read only
+        ab = torch._foreach_abs(gf)
+        gm = torch._foreach_mul(gf, _col(sc, 1, idx))
+        for i, j in enumerate(idx):
+            out[j] = torch.where(ab[i] > sc[j, 0], gm[i], gf[i])
+    return out
+
+
+def _clipped_sumsq_foreach(cs, sdt):
+    """sum(c^2) per tensor: squares as one foreach op, the sums per tensor (same reduction order as the loop)."""
+    if not cs:
+        return torch.zeros(0, dtype=sdt)
+    return torch.stack([t.sum() for t in torch._foreach_mul(cs, cs)])
+
+
+def _adam_foreach(ps, cs, ms, vs, sc):
+    """:func:`_adam_many` as ``torch._foreach_*`` ops on the clipped gradients ``cs`` (from
+    :func:`_clipped_foreach`), per (device, dtype) group; per-tensor scalars are 0-d views of ``sc``, so no
+    host sync. The per-tensor ``active`` select stays one ``where`` per tensor and state (a NaN update of a
+    skipped tensor must not leak), written back with one ``_foreach_copy_``."""
+    sdt = sc.dtype
+    omb2 = 1.0 - sc[:, 7]
+    act = sc[:, 3] > 0
+    for idx in group_indices(ps, ms, vs):
+        p_, m_, v_ = ([lst[j] for j in idx] for lst in (ps, ms, vs))
+        mf, vf, pf = ([t.to(sdt) for t in lst] for lst in (m_, v_, p_))  # may alias: read only
+        gt = torch._foreach_mul([cs[j] for j in idx], _col(sc, 2, idx))
+        mn = torch._foreach_sub(gt, mf)
+        torch._foreach_mul_(mn, _col(sc, 6, idx))
+        mn = torch._foreach_add(mf, mn)
+        gg = torch._foreach_mul(gt, gt)
+        torch._foreach_mul_(gg, [omb2[j] for j in idx])
+        vn = torch._foreach_mul(vf, _col(sc, 7, idx))
+        torch._foreach_add_(vn, gg)
+        den = torch._foreach_sqrt(vn)
+        torch._foreach_mul_(den, _col(sc, 9, idx))
+        torch._foreach_add_(den, _col(sc, 10, idx))
+        q = torch._foreach_div(mn, den)
+        torch._foreach_mul_(q, _col(sc, 8, idx))
+        new = torch._foreach_mul(pf, _col(sc, 4, idx))
+        torch._foreach_sub_(new, q)
+        pin = torch._foreach_mul(pf, _col(sc, 5, idx))
+        a = [act[j] for j in idx]
+        src = ([torch.where(x, y, z) for x, y, z in zip(a, mn, mf)] + [torch.where(x, y, z) for x, y, z in zip(a, vn, vf)]
+               + [torch.where(x, y, z) for x, y, z in zip(a, new, pin)])
+        torch._foreach_copy_(m_ + v_ + p_, src)
+
+
 def stable_spam_step(items: Sequence[OptItem], *, step: int, moment_step: int, reset: bool,
                      layouts: Optional[Dict] = None, fused: bool = False, validate: bool = True,
-                     tag: str = "StableSPAM") -> torch.Tensor:
+                     tag: str = "StableSPAM", foreach: Optional[bool] = None) -> torch.Tensor:
     """One Stable-SPAM step over local pieces; updates params and state in place.
 
     ``step`` = global step t (>= 1, bias corrections of the max/norm EMAs and the cosine
@@ -78,7 +138,8 @@ def stable_spam_step(items: Sequence[OptItem], *, step: int, moment_step: int, r
     done in fp64. ``fused`` with Triton (CUDA): six multi-tensor launches for all pieces
     (:mod:`dist_stab.kernels.stable_spam_kernels`; pieces they do not take, e.g. non-contiguous
     ones, send the step to the torch path); else torch ops, the element-wise ones compiled when
-    ``fused``. Returns the per-item ``active`` mask (device tensor; False = skipped: zero or
+    ``fused``, else as ``torch._foreach_*`` ops when ``foreach`` (None: when not ``fused``; False:
+    the per-tensor loop, the reference). Returns the per-item ``active`` mask (device tensor; False = skipped: zero or
     non-finite clipped norm).
     """
     if not items:
@@ -103,7 +164,8 @@ def stable_spam_step(items: Sequence[OptItem], *, step: int, moment_step: int, r
         plan = _triton_plan(items, gidx, cache, key, device)
         if plan is not None:
             return _triton_step(plan, consts, max_layout, sum_layout, device, tag)
-    return _torch_step(items, [consts[j] for j in gidx], max_layout, sum_layout, sdt, device, bool(fused), tag)
+    return _torch_step(items, [consts[j] for j in gidx], max_layout, sum_layout, sdt, device, bool(fused), tag,
+                       foreach=not fused and resolve_foreach(foreach, bool(fused)))
 
 
 def _hp_groups(items: Sequence[OptItem]):
@@ -158,7 +220,7 @@ def _triton_step(plan, consts, max_layout: SlotLayout, sum_layout: SlotLayout, d
 
 
 def _torch_step(items, rows, max_layout: SlotLayout, sum_layout: SlotLayout, sdt, device, fused_: bool,
-                tag: str) -> torch.Tensor:
+                tag: str, foreach: bool = False) -> torch.Tensor:
     """The step as torch ops on per-item vectors (eager, or the kernels through ``torch.compile``)."""
     both = pack_scalars(rows, device, torch.float64, 12)
     theta, bc_max, g1, bc_m, g2, bc_v, eps, decay, a1, b2, step_size, rbc2 = both.unbind(1)
@@ -173,7 +235,11 @@ def _torch_step(items, rows, max_layout: SlotLayout, sum_layout: SlotLayout, sdt
     m_hat = m_max_new / bc_max
     f = torch.where(M > 0, m_hat / M, torch.zeros_like(M))
     thr = torch.where(torch.isfinite(m_hat), m_hat, torch.full_like(M, math.inf))
-    sumsq = K_CLIPPED_SUMSQ(fused_, grads, torch.stack([thr, f], 1).to(sdt)).to(sdt)
+    if foreach:
+        clipped = _clipped_foreach(grads, torch.stack([thr, f], 1).to(sdt))
+        sumsq = _clipped_sumsq_foreach(clipped, sdt).to(sdt)
+    else:
+        sumsq = K_CLIPPED_SUMSQ(fused_, grads, torch.stack([thr, f], 1).to(sdt)).to(sdt)
     sum_layout.complete(sumsq, "sum", tag)
 
     # AdaGN: EMAs of the clipped norm (fp64 vectors)
@@ -197,6 +263,10 @@ def _torch_step(items, rows, max_layout: SlotLayout, sum_layout: SlotLayout, sdt
     # Adam with cosine-decayed beta1, bias corrections from k
     sc = torch.stack([thr, f, gscale, active.double(), decay, torch.where(finite, decay, torch.ones_like(decay)),
                       a1, b2, step_size, rbc2, eps, torch.zeros_like(decay)], 1).to(sdt)
+    if foreach:
+        _adam_foreach([it.param for it in items], clipped, [it.state["exp_avg"] for it in items],
+                      [it.state["exp_avg_sq"] for it in items], sc)
+        return active
     K_ADAM(fused_, [it.param for it in items], grads, [it.state["exp_avg"] for it in items],
            [it.state["exp_avg_sq"] for it in items], sc)
     return active
@@ -224,6 +294,7 @@ class StableSPAM(ShardedOptimizer):
         eta_min: 0.5.  eps: 1e-8 (shared by AdaGN and Adam).  weight_decay: 0.
         fused: the step as Triton multi-tensor kernels on CUDA (torch.compile'd element-wise kernels where
         they do not apply); None: on CUDA when Triton is available.
+        foreach: unfused element-wise steps as ``torch._foreach_*`` ops over all tensors (None: whenever not fused; False: per-tensor loop).
 
     Distributed: two dependent rounds, each one all-reduce per process group for all tensors
     packed together: MAX of the local max|g|, then SUM of the clipped local sums of squares.
@@ -254,7 +325,7 @@ class StableSPAM(ShardedOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), gamma1: float = 0.7, gamma2: float = 0.9,
                  theta: float = 0.999, reset_interval: int = 1000, total_steps: Optional[int] = None,
                  eta_min: float = 0.5, eps: float = 1e-8, weight_decay: float = 0.0, *,
-                 fused: Optional[bool] = None, validate: bool = True):
+                 fused: Optional[bool] = None, validate: bool = True, foreach: Optional[bool] = None):
         check_lr("lr", lr)
         check_betas("betas", betas)
         check_unit("gamma1", gamma1)
@@ -268,6 +339,7 @@ class StableSPAM(ShardedOptimizer):
         check_nonneg("weight_decay", weight_decay)
         self.reset_interval = int(reset_interval)
         self.validate = validate
+        self.foreach = foreach
         defaults = dict(lr=lr, betas=tuple(betas), gamma1=gamma1, gamma2=gamma2, theta=theta,
                         total_steps=total_steps, eta_min=eta_min, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, fused=fused)
@@ -312,5 +384,5 @@ class StableSPAM(ShardedOptimizer):
         if items:
             self.last_active = stable_spam_step(items, step=t, moment_step=k, reset=reset, layouts=self._layouts,
                                                 fused=self._fused(items[0].param.device), validate=self.validate,
-                                                tag=self.tag)
+                                                tag=self.tag, foreach=self.foreach)
         return loss
