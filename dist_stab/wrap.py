@@ -8,17 +8,26 @@ every transform's, the monitor's and the skip counters' state, so one checkpoint
 ``step(closure=None, loss=None)``: pass this step's (local) loss for the spike monitor and the
 loss-based skip test; it is averaged over the data-parallel group with one 1-element
 all-reduce. Statistics land in ``last_stats`` as device tensors (read them at log time).
+
+Folding (``fold=None``: whenever possible): when the inner optimizer reads gradients through
+per-tensor factors (``supports_grad_factors``, e.g. :class:`dist_stab.optim.AdamW`), the last
+transform does not rescale the gradients; its factors go to ``optimizer.step(grad_factors=...)``
+instead, which saves a read and a write of every gradient it scales (GradientStabilizer scales
+all of them). The update is the same; ``.grad`` then holds the gradients as the last transform
+saw them. Possible when every parameter of the last transform is a plain or DTensor parameter
+of the optimizer. ``fold=True`` raises where it is not possible, ``fold=False`` never folds.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 
 class WrappedOptimizer(torch.optim.Optimizer):
-    def __init__(self, optimizer: torch.optim.Optimizer, *transforms, skip=None, monitor=None):
+    def __init__(self, optimizer: torch.optim.Optimizer, *transforms, skip=None, monitor=None,
+                 fold: Optional[bool] = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         for t in transforms:
@@ -39,11 +48,51 @@ class WrappedOptimizer(torch.optim.Optimizer):
         if skip is not None and skip.needs_monitor and monitor is None:
             from .spikes import SpikeMonitor
             self.monitor = SpikeMonitor()
+        self._fold_index: Optional[List[int]] = None  # optimizer param -> factor position (last: 1.0)
+        self._fold_perm: Optional[torch.Tensor] = None
+        self._setup_fold(fold)
         self._probe = None
         if (skip is not None or self.monitor is not None) and not self.transforms:
             from .transforms import GradNorm
             params = [p for g in optimizer.param_groups for p in g["params"]]
             self._probe = GradNorm([(f"param.{i}", p) for i, p in enumerate(params)])
+
+    def _setup_fold(self, fold: Optional[bool]) -> None:
+        if fold is False or not self.transforms:
+            return
+        last = self.transforms[-1]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        reason = None
+        if not getattr(self.optimizer, "supports_grad_factors", False):
+            reason = f"{type(self.optimizer).__name__} does not take grad_factors"
+        elif not getattr(last, "apply_factors", False):
+            reason = f"{type(last).__name__} does not scale gradients"
+        elif not all(getattr(s, "kind", None) in ("plain", "dtensor") for s in getattr(last, "shards", [None])):
+            reason = f"{type(last).__name__} holds parameters other than plain or DTensor ones"
+        else:
+            where = {id(p): i for i, p in enumerate(params)}
+            if any(id(s.param) not in where for s in last.shards):
+                reason = f"{type(last).__name__} holds parameters this optimizer does not update"
+        if reason is not None:
+            if fold:
+                raise ValueError(f"wrap(fold=True): cannot fold {type(last).__name__} into the optimizer: {reason}")
+            return
+        pos = {id(s.param): i for i, s in enumerate(last.shards)}
+        self._fold_index = [pos.get(id(p), len(last.shards)) for p in params]
+        last.apply_factors = False
+
+    @property
+    def folded(self) -> bool:
+        """Whether the last transform's factors go to the optimizer instead of into the gradients."""
+        return self._fold_index is not None
+
+    def _step_kwargs(self, stats: list) -> dict:
+        if self._fold_index is None:
+            return {}
+        f = stats[len(self.transforms) - 1]["factors"].float()
+        if self._fold_perm is None or self._fold_perm.device != f.device:
+            self._fold_perm = torch.tensor(self._fold_index, device=f.device)
+        return {"grad_factors": torch.cat([f, f.new_ones(1)]).index_select(0, self._fold_perm)}
 
     @property
     def param_groups(self) -> List[dict]:
@@ -74,19 +123,20 @@ class WrappedOptimizer(torch.optim.Optimizer):
         if self._probe is not None:
             stats.append(self._probe.step())
             self.last_stats["GradNorm"] = stats[-1]
+        kw = self._step_kwargs(stats)
         if self.skip is None and self.monitor is None:
-            self.optimizer.step()
+            self.optimizer.step(**kw)
             return loss
         first = stats[0]  # the first transform sees the raw gradients: its norm is the pre-clip one
         nonfinite = sum(st["num_nonfinite"] for st in stats) > 0
         obs = self.monitor.observe(loss, first["global_norm"]) if self.monitor is not None else {}
         if self.skip is None:
-            self.optimizer.step()
+            self.optimizer.step(**kw)
         else:
             skip = self.skip.decide(nonfinite, obs)
             for t, snap in zip(self.transforms, snaps):
                 t.restore_where(snap, skip)
-            self.skip.step_optimizer(self.optimizer, skip)
+            self.skip.step_optimizer(self.optimizer, skip, **kw)
             self.skip.record(skip)
             obs["skip"] = skip
             obs["skipped"] = self.skip.skipped
@@ -126,5 +176,6 @@ class WrappedOptimizer(torch.optim.Optimizer):
         return f"WrappedOptimizer(\n  {inner},\n  transforms={[type(t).__name__ for t in self.transforms]})"
 
 
-def wrap(optimizer: torch.optim.Optimizer, *transforms, skip=None, monitor=None) -> WrappedOptimizer:
-    return WrappedOptimizer(optimizer, *transforms, skip=skip, monitor=monitor)
+def wrap(optimizer: torch.optim.Optimizer, *transforms, skip=None, monitor=None,
+         fold: Optional[bool] = None) -> WrappedOptimizer:
+    return WrappedOptimizer(optimizer, *transforms, skip=skip, monitor=monitor, fold=fold)

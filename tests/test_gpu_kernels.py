@@ -76,6 +76,11 @@ def test_no_host_sync_in_transform_and_optimizer_steps():
                       skip=ds.SkipStep(grad_z=6.0), monitor=ds.SpikeMonitor(min_history=2))
     grads()
     wrapped.step(loss=torch.ones((), device="cuda"))
+    from dist_stab.optim import AdamW
+    folded = ds.wrap(AdamW(model.parameters(), lr=1e-3), ds.GradientStabilizer(model.named_parameters()))
+    assert folded.folded
+    grads()
+    folded.step()
     grads()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -85,8 +90,42 @@ def test_no_host_sync_in_transform_and_optimizer_steps():
         for o in opts:
             o.step()
         wrapped.step(loss=torch.ones((), device="cuda"))
+        folded.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_triton_matches_torch_fused_adamw_with_factors(dtype):
+    """dist_stab AdamW (compiled Triton kernel, grad factors) = torch fused AdamW on pre-scaled grads;
+    sizes across the 32768-element chunk, a piece at an odd offset (no vector loads)."""
+    from dist_stab.optim import AdamW
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(300, 1000), (4096,), (0, 3), (65536 + 5,), (7, 9)]
+
+    def params():
+        ps = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=torch.Generator(device="cuda").manual_seed(i))
+                                 .to(dtype)) for i, s in enumerate(shapes)]
+        odd = torch.empty(ps[1].numel() + 1, device="cuda", dtype=dtype)[1:]
+        ps[1] = torch.nn.Parameter(odd.copy_(ps[1].detach()))
+        return ps
+
+    ref, got = params(), params()
+    o_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
+    o_got = AdamW(got, lr=1e-2, weight_decay=0.1)
+    assert o_got._fused(torch.device("cuda"))
+    for step in range(3):
+        f = torch.rand(len(shapes), device="cuda", generator=gen) * 2
+        for i, (a, b) in enumerate(zip(ref, got)):
+            g = torch.randn(a.shape, device="cuda", generator=gen).to(dtype)
+            a.grad, b.grad = (g.float() * f[i]).to(dtype), g
+        o_ref.step()
+        o_got.step(grad_factors=f)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: torch rounds g*f to bf16 first
+    for a, b in zip(ref, got):
+        if a.numel():
+            assert ((a.float() - b.float()).abs().max() / a.float().abs().max()).item() <= tol
 
 
 def test_restore_skip_with_host_step_counters_warns_and_skips():
@@ -107,3 +146,39 @@ def test_restore_skip_with_host_step_counters_warns_and_skips():
         assert torch.equal(p.detach(), b)
         assert torch.equal(opt.optimizer.state[p]["step"], s)
     assert int(opt.skip.skipped) == 1
+
+
+def test_kept_grads_moved_in_place_are_seen_on_cuda():
+    """The address check (torch's batched C++ comparison on CUDA builds): a grad moved under the same tensor
+    object (.set_(), .data =, a view at an offset) rebuilds the tables and the step stays exact."""
+    from dist_stab.kernels import _PTRS_EQUAL, TensorBatch
+
+    ps = [torch.nn.Parameter(torch.randn(64, 33, device="cuda")) for _ in range(6)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    batch = TensorBatch([p.grad for p in ps])
+    assert batch.same_storage([p.grad for p in ps])
+    ps[2].grad.set_(ps[2].grad.clone())
+    assert not batch.same_storage([p.grad for p in ps])
+    batch = TensorBatch([p.grad for p in ps])
+    ps[4].grad.data = torch.randn(70 * 33, device="cuda")[33 * 6:].view(64, 33)  # at an offset in new storage
+    assert not batch.same_storage([p.grad for p in ps])
+    print("batched pointer check:", _PTRS_EQUAL is not None)
+    kept = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for p in kept:
+        p.grad = torch.zeros_like(p)
+    t = ds.GradientStabilizer([(f"p{i}", p) for i, p in enumerate(kept)])
+    ref = ds.GradientStabilizer([(f"p{i}", p) for i, p in enumerate(fresh)])
+    for step in range(4):
+        raw = [torch.randn_like(p) for p in ps]
+        for p, g in zip(kept, raw):
+            p.grad.copy_(g)  # kept grads: the step reuses its tables...
+        if step == 2:
+            kept[3].grad.set_(raw[3].clone())  # ...unless one moved
+        for p, g in zip(fresh, raw):
+            p.grad = g.clone()  # new grad objects every step: no reuse
+        t.step()
+        ref.step()
+        for a, b in zip(kept, fresh):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0), step

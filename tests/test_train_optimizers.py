@@ -26,16 +26,18 @@ def _run_and_resume(rank, world, args, run_dir):
 
 
 @needs_corpus
-@pytest.mark.parametrize("name", ["stable_spam", "spam", "scale"])
+@pytest.mark.parametrize("name", ["stable_spam", "spam", "scale", "ds_adamw+gradient_stabilizer"])
 def test_dist_stab_optimizer_fsdp2_and_resume(cache_dir, tmp_path, name):  # noqa: F811
     pytest.importorskip("dist_stab.optim")
     from dist_stab.train.config import load_config
     from dist_stab.train.loop import Trainer
 
-    common = [f"optim.name={name}", "optim.lr=1e-3"]
+    name, _, transform = name.partition("+")  # ds_adamw: the transform's factors are folded into the optimizer
+    common = [f"optim.name={name}", "optim.lr=1e-3"] + ([f"transform.name={transform}"] if transform else [])
     ref = Trainer(load_config(None, base(cache_dir, tmp_path / "ref", "parallel.mode=none", *common)),
                   log_fn=lambda s: None)
     ref.fit()
+    assert ref.opt.folded == (name == "ds_adamw")
     ref_losses = {r["step"]: r["loss"] for r in ref.history if "loss" in r and "summary" not in r}
     run = tmp_path / "fsdp"
     args = base(cache_dir, run, "parallel.mode=fsdp", *common)

@@ -3,6 +3,7 @@
     python -m dist_stab.bench.clip --device cuda --shapes 1b --json docs/bench_clip_1b.json
     python -m dist_stab.bench.clip --device cuda --shapes many --json docs/bench_clip_many.json
     python -m dist_stab.bench.clip --device cuda --shapes many --counts 1000,5000,20000 --set-to-none
+    python -m dist_stab.bench.clip --device cuda --shapes 1b --with-optimizer --json docs/bench_clip_fold_1b.json
 
 ``--shapes 1b``: the tensors of a LLaMA-1B (d 2048, 24 layers, ff 5461, vocab 32000, untied
 lm_head). ``--shapes many``: 1k..20k small tensors (an MoE-like count), to see how the cost grows
@@ -12,6 +13,13 @@ column is the time until the call returns, from a synchronized start: the Python
 is close to the CUDA-event time, the step is host bound). ``--set-to-none``: every iteration gives the
 parameters new gradient tensors (as ``zero_grad(set_to_none=True)`` + backward) instead of copying into
 the same ones. Regimes: AdaGC "steady" (no tensor above its threshold: the usual step) and "all clipped".
+
+``--with-optimizer``: the clip step together with the AdamW step that follows it, through ``dist_stab.wrap``:
+torch ``clip_grad_norm_`` + torch fused AdamW against each transform in place + torch fused AdamW, and folded
+into :class:`dist_stab.optim.AdamW` (the transform's factors read by the optimizer's kernel instead of a
+rescale pass). The clip overhead of a row is its time minus the time of its optimizer alone; its ratio is
+taken against the overhead of ``clip_grad_norm_`` (the "folded" rows also carry any difference between
+dist_stab's and torch's AdamW kernels, since they are measured against torch's fused AdamW alone).
 """
 from __future__ import annotations
 
@@ -100,10 +108,57 @@ def bench(shapes, device, dtype, iters, set_to_none=False):
     rows["AdaGC (all clipped)"] = timeit(clipped, restore, iters, device)
     gs = ds.GradientStabilizer(named)
     rows["GradientStabilizer"] = timeit(gs.step, restore, iters, device)
+    gs_folded = ds.GradientStabilizer(named)
+    gs_folded.apply_factors = False  # what wrap() sets when it folds the factors into dist_stab.optim.AdamW
+    rows["GradientStabilizer folded (no rescale pass)"] = timeit(gs_folded.step, restore, iters, device)
     zc = ds.ZClip(named, warmup_steps=1)
     rows["ZClip"] = timeit(zc.step, restore, iters, device)
     base = rows["torch clip_grad_norm_"][0]
     return {k: {"ms": ms, "host_ms": h, "ratio_vs_torch_clip": ms / base} for k, (ms, h) in rows.items()}
+
+
+def bench_with_optimizer(shapes, device, dtype, iters):
+    """(clip + AdamW) step times; see the module docstring."""
+    from dist_stab.optim import AdamW
+
+    params, grads = make_grads(shapes, device, dtype)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+    def restore():
+        torch._foreach_copy_([p.grad for p in params], grads)
+
+    named = [(f"p{i}", p) for i, p in enumerate(params)]
+    fused = device.type == "cuda"
+    torch_adamw = torch.optim.AdamW(params, lr=1e-6, fused=fused or None)
+    ds_adamw = AdamW(params, lr=1e-6)
+    rows = {"torch fused AdamW alone": timeit(torch_adamw.step, restore, iters, device),
+            "dist_stab AdamW alone": timeit(ds_adamw.step, restore, iters, device)}
+
+    def clip_then_torch():
+        torch.nn.utils.clip_grad_norm_(params, 1e-3, foreach=True)
+        torch_adamw.step()
+    rows["torch clip_grad_norm_ + torch AdamW"] = timeit(clip_then_torch, restore, iters, device)
+    makers = {"GradientStabilizer": lambda: ds.GradientStabilizer(named),
+              "AdaGC (steady)": lambda: ds.AdaGC(named, warmup_steps=0, lambda_rel=1e30),
+              "AdaGC (all clipped)": lambda: ds.AdaGC(named, warmup_steps=0, lambda_rel=1.0 + 1e-6)}
+    for name, make in makers.items():
+        for label, opt, fold in (("in place + torch AdamW", torch_adamw, False),
+                                 ("folded into dist_stab AdamW", ds_adamw, True)):
+            w = ds.wrap(opt, make(), fold=fold)
+            restore()
+            w.step()  # AdaGC: seeds gamma (the regime holds from the next step on)
+            if name == "AdaGC (all clipped)":
+                w.transforms[0].state["gamma"].fill_(1e-30)
+            rows[f"{name} {label}"] = timeit(w.step, restore, iters, device)
+    alone = {"torch": rows["torch fused AdamW alone"][0], "dist_stab": rows["dist_stab AdamW alone"][0]}
+    clip_over = rows["torch clip_grad_norm_ + torch AdamW"][0] - alone["torch"]
+    out = {}
+    for k, (ms, h) in rows.items():
+        over = None if "alone" in k else ms - alone["torch"]
+        out[k] = {"ms": ms, "host_ms": h, "overhead_ms": over,
+                  "overhead_vs_torch_clip": None if over is None else over / clip_over}
+    return out
 
 
 def main(argv=None):
@@ -116,14 +171,33 @@ def main(argv=None):
     ap.add_argument("--set-to-none", action="store_true", help="new gradient tensors every iteration")
     ap.add_argument("--no-pointer-check", action="store_true",
                     help="GradTransform.check_pointers = False: identity check only (see dist_stab.transforms.base)")
+    ap.add_argument("--with-optimizer", action="store_true",
+                    help="time clip + AdamW steps, incl. transforms folded into dist_stab.optim.AdamW")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     ds.GradTransform.check_pointers = not args.no_pointer_check
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": args.dtype, "shapes": args.shapes, "iters": args.iters,
-            "set_to_none": args.set_to_none, "pointer_check": not args.no_pointer_check}
+            "set_to_none": args.set_to_none, "pointer_check": not args.no_pointer_check,
+            "with_optimizer": args.with_optimizer}
     results = {}
+    if args.with_optimizer:
+        shapes = SHAPES[args.shapes]() if args.shapes != "many" else [(128, 64)] * int(args.counts.split(",")[-1])
+        info["num_tensors"] = len(shapes)
+        info["num_elements"] = sum(torch.Size(s).numel() for s in shapes)
+        res = bench_with_optimizer(shapes, device, dtype, args.iters)
+        print(f"# clip + AdamW step, {info['device']}, torch {info['torch']}, {args.dtype}, {len(shapes)} tensors, "
+              f"{info['num_elements'] / 1e9:.3f} B elements, median of {args.iters}")
+        print("| step | ms | host ms | clip overhead ms | overhead x clip_grad_norm_'s |\n|---|---|---|---|---|")
+        for name, r in res.items():
+            over = "" if r["overhead_ms"] is None else f"{r['overhead_ms']:.3f}"
+            ratio = "" if r["overhead_vs_torch_clip"] is None else f"{r['overhead_vs_torch_clip']:.2f}"
+            print(f"| {name} | {r['ms']:.3f} | {r['host_ms']:.3f} | {over} | {ratio} |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "results": res}, f, indent=1)
+        return info, res
     if args.shapes == "many":
         for n in [int(c) for c in args.counts.split(",")]:
             results[str(n)] = bench([(128, 64)] * n, device, dtype, args.iters, args.set_to_none)

@@ -28,6 +28,7 @@ partition pieces, run without vector loads), all in the same tables.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -46,8 +47,15 @@ DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16:
 #: decay = 1-lr*wd, 1-b1', b2, step_size = lr/(1-b1'^k), 1/sqrt(1-b2^k).
 CONST_COLUMNS = ("theta", "bc_max", "g1", "bc_m", "g2", "bc_v", "eps", "decay", "a1", "b2", "step_size", "rbc2")
 NCONST = len(CONST_COLUMNS)
-#: Per-tensor row (float32) read by the element-wise update; also the eager path's ``sc`` row.
+#: Per-tensor row (float32) read by the element-wise update; also the eager path's ``sc`` row:
+#: thr, f, gscale, active, decay, decay_inactive, 1-b1', b2, step_size, rbc2, eps, 0.
 ROW = 12
+ROW_GSCALE = 2
+
+
+def adam_row(decay: float, a1: float, b2: float, step_size: float, rbc2: float, eps: float) -> tuple:
+    """A row for plain AdamW (no clipping, gradient scale 1, active): ``g*gscale`` into Adam, see :func:`_adam_block`."""
+    return (math.inf, 1.0, 1.0, 1.0, decay, decay, a1, b2, step_size, rbc2, eps, 0.0)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -430,3 +438,9 @@ def adam_update(plan: Plan, M: torch.Tensor, S: torch.Tensor, consts: torch.Tens
                                                           num_warps=4)
     _elementwise(plan, _adam_kernel, ("PDT", "GDT", "MDT"), plan.rows, ROW=ROW)
     return active.view(torch.bool)
+
+
+def adam_elementwise(plan: Plan, rows: torch.Tensor) -> None:
+    """Only the element-wise Adam of :func:`adam_update`, with the caller's fp32 ``[n, ROW]`` rows (see
+    :func:`adam_row`); a plan of the four roles g, p, exp_avg, exp_avg_sq is enough."""
+    _elementwise(plan, _adam_kernel, ("PDT", "GDT", "MDT"), rows.contiguous(), ROW=ROW)

@@ -244,11 +244,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._shards[key] = found[0] if found else None
         return self._shards[key]
 
-    def _collect(self) -> List[Tuple[dict, torch.Tensor, ShardedParam, torch.Tensor]]:
-        """(group, param, shard, local grad) for every parameter with a gradient, in group order."""
+    def _collect(self, positions: Optional[List[int]] = None) -> List[Tuple[dict, torch.Tensor, ShardedParam, torch.Tensor]]:
+        """(group, param, shard, local grad) for every parameter with a gradient, in group order;
+        ``positions`` (if given) receives each one's index among all parameters of all groups."""
         out = []
+        pos = -1
         for group in self.param_groups:
             for p in group["params"]:
+                pos += 1
                 if p.grad is None:
                     continue
                 sp = self._shard(p)
@@ -260,6 +263,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({sp.fqn})")
                 out.append((group, p, sp, g))
+                if positions is not None:
+                    positions.append(pos)
         return out
 
     def _fused(self, device) -> bool:

@@ -47,7 +47,7 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd | scale | stable_spam | spam (dist_stab.optim, imported lazily)
+    name: str = "adamw"  # adamw | sgd | ds_adamw | scale | stable_spam | spam (ds_*: dist_stab.optim, lazily)
     lr: float = 3e-3  # peak learning rate (after warm-up)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # LLaMA/GPT-3 AdamW betas
     eps: float = 1e-8

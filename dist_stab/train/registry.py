@@ -33,6 +33,8 @@ def _lazy(module: str, cls: str) -> Callable:
 # name -> (class getter, how to pass parameters: "groups" | "params" | "model")
 OPTIMIZERS: Dict[str, tuple] = {
     "adamw": (lambda: torch.optim.AdamW, "groups"),
+    # dist_stab's AdamW: same update, reads the last transform's factors (wrap folds them: no rescale pass)
+    "ds_adamw": (_lazy("dist_stab.optim", "AdamW"), "groups"),
     "adam": (lambda: torch.optim.Adam, "params"),
     "sgd": (lambda: torch.optim.SGD, "params"),
     "stable_spam": (_lazy("dist_stab.optim", "StableSPAM"), "params"),
