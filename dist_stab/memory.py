@@ -5,6 +5,7 @@ of DTensors: this rank's share). ``predicted_state_bytes(optimizer, state_dtype=
 predicted from each optimizer's rules before any step (works on meta-device models):
 
     torch Adam/AdamW   2 moments per element + a 4-byte step per tensor
+    dist_stab AdamW    2 moments per element (its step counts are host ints)
     SPAM               2 moments per element
     StableSPAM         2 moments per element + 3 fp32 scalars per tensor (m_max, m_norm, v_norm)
     SCALE              momentum only on the last layer (lm_head); AdamW moments on 1-D params; nothing
@@ -42,7 +43,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def _per_param_rule(optimizer, p: torch.Tensor):
     """(moment tensors of p's size, extra bytes) that ``optimizer`` keeps for parameter ``p``."""
-    from .optim import SCALE, SPAM, StableSPAM
+    from .optim import SCALE, SPAM, AdamW, StableSPAM
     from .optim.scale import ADAM, LAST
 
     if isinstance(optimizer, SCALE):
@@ -50,7 +51,7 @@ def _per_param_rule(optimizer, p: torch.Tensor):
         return {LAST: (1, 0), ADAM: (2, 0)}.get(kind, (0, 0))
     if isinstance(optimizer, StableSPAM):
         return 2, 3 * 4
-    if isinstance(optimizer, SPAM):
+    if isinstance(optimizer, (SPAM, AdamW)):
         return 2, 0
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         return 2, 4

@@ -25,6 +25,7 @@ MAKERS = {
     "SCALE": lambda m: O.SCALE(m, lr=1e-3),
     "StableSPAM": lambda m: O.StableSPAM(m.named_parameters(), lr=1e-3),
     "SPAM": lambda m: O.SPAM(m.named_parameters(), lr=1e-3),
+    "dist_stab AdamW": lambda m: O.AdamW(m.parameters(), lr=1e-3),
 }
 
 

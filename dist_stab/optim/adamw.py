@@ -19,6 +19,9 @@ Paths: on CUDA with Triton (``fused=None``/True), Stable-SPAM's element-wise Ada
 for all tensors, math in fp32, moments in the parameter's dtype; elsewhere ``torch._foreach_*`` ops
 (torch's own foreach AdamW sequence). DTensor parameters update their local pieces.
 
+Skipping a step (:class:`dist_stab.SkipStep`): the step counts live on the host, so, as with the other
+dist_stab optimizers, the skip decision is read on the host (one sync per step with a skip test).
+
 Bad input: a non-finite gradient or factor propagates into the parameter, as in torch's AdamW (a
 transform in front of it decides what a non-finite tensor becomes); ``grad_factors`` of the wrong
 length or dtype raises.
