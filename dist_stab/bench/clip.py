@@ -3,6 +3,7 @@
     python -m dist_stab.bench.clip --device cuda --shapes 1b --json docs/bench_clip_1b.json
     python -m dist_stab.bench.clip --device cuda --shapes many --json docs/bench_clip_many.json
     python -m dist_stab.bench.clip --device cuda --shapes many --counts 1000,5000,20000 --set-to-none
+    python -m dist_stab.bench.clip --device cuda --shapes many --counts 1000,5000,20000 --persistent-grads
     python -m dist_stab.bench.clip --device cuda --shapes 1b --with-optimizer --json docs/bench_clip_fold_1b.json
 
 ``--shapes 1b``: the tensors of a LLaMA-1B (d 2048, 24 layers, ff 5461, vocab 32000, untied
@@ -78,7 +79,7 @@ def timeit(fn, restore, iters, device):
     return statistics.median(times), statistics.median(host)
 
 
-def bench(shapes, device, dtype, iters, set_to_none=False):
+def bench(shapes, device, dtype, iters, set_to_none=False, persistent_grads=False):
     params, grads = make_grads(shapes, device, dtype)
     for p, g in zip(params, grads):
         p.grad = g.clone()
@@ -93,9 +94,10 @@ def bench(shapes, device, dtype, iters, set_to_none=False):
     rows = {}
     rows["torch clip_grad_norm_"] = timeit(lambda: torch.nn.utils.clip_grad_norm_(params, 1e-3, foreach=True),
                                            restore, iters, device)
-    gc = ds.GlobalClip(named, max_norm=1e-3)
+    kw = {"persistent_grads": True} if persistent_grads else {}
+    gc = ds.GlobalClip(named, max_norm=1e-3, **kw)
     rows["GlobalClip"] = timeit(gc.step, restore, iters, device)
-    ada = ds.AdaGC(named, warmup_steps=0)
+    ada = ds.AdaGC(named, warmup_steps=0, **kw)
     restore()
     ada.step()  # seeds gamma
     def steady():
@@ -106,12 +108,12 @@ def bench(shapes, device, dtype, iters, set_to_none=False):
         ada.step()
     rows["AdaGC (steady, none clipped)"] = timeit(steady, restore, iters, device)
     rows["AdaGC (all clipped)"] = timeit(clipped, restore, iters, device)
-    gs = ds.GradientStabilizer(named)
+    gs = ds.GradientStabilizer(named, **kw)
     rows["GradientStabilizer"] = timeit(gs.step, restore, iters, device)
-    gs_folded = ds.GradientStabilizer(named)
+    gs_folded = ds.GradientStabilizer(named, **kw)
     gs_folded.apply_factors = False  # what wrap() sets when it folds the factors into dist_stab.optim.AdamW
     rows["GradientStabilizer folded (no rescale pass)"] = timeit(gs_folded.step, restore, iters, device)
-    zc = ds.ZClip(named, warmup_steps=1)
+    zc = ds.ZClip(named, warmup_steps=1, **kw)
     rows["ZClip"] = timeit(zc.step, restore, iters, device)
     base = rows["torch clip_grad_norm_"][0]
     return {k: {"ms": ms, "host_ms": h, "ratio_vs_torch_clip": ms / base} for k, (ms, h) in rows.items()}
@@ -171,6 +173,8 @@ def main(argv=None):
     ap.add_argument("--set-to-none", action="store_true", help="new gradient tensors every iteration")
     ap.add_argument("--no-pointer-check", action="store_true",
                     help="GradTransform.check_pointers = False: identity check only (see dist_stab.transforms.base)")
+    ap.add_argument("--persistent-grads", action="store_true",
+                    help="transforms built with persistent_grads=True (first/last grad checked; see transforms.base)")
     ap.add_argument("--with-optimizer", action="store_true",
                     help="time clip + AdamW steps, incl. transforms folded into dist_stab.optim.AdamW")
     ap.add_argument("--json", default=None)
@@ -180,7 +184,7 @@ def main(argv=None):
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": args.dtype, "shapes": args.shapes, "iters": args.iters,
             "set_to_none": args.set_to_none, "pointer_check": not args.no_pointer_check,
-            "with_optimizer": args.with_optimizer}
+            "with_optimizer": args.with_optimizer, "persistent_grads": args.persistent_grads}
     results = {}
     if args.with_optimizer:
         shapes = SHAPES[args.shapes]() if args.shapes != "many" else [(128, 64)] * int(args.counts.split(",")[-1])
@@ -200,15 +204,17 @@ def main(argv=None):
         return info, res
     if args.shapes == "many":
         for n in [int(c) for c in args.counts.split(",")]:
-            results[str(n)] = bench([(128, 64)] * n, device, dtype, args.iters, args.set_to_none)
+            results[str(n)] = bench([(128, 64)] * n, device, dtype, args.iters, args.set_to_none,
+                                    args.persistent_grads)
     else:
         shapes = SHAPES[args.shapes]()
         info["num_tensors"] = len(shapes)
         info["num_elements"] = sum(torch.Size(s).numel() for s in shapes)
-        results[args.shapes] = bench(shapes, device, dtype, args.iters, args.set_to_none)
+        results[args.shapes] = bench(shapes, device, dtype, args.iters, args.set_to_none, args.persistent_grads)
     print(f"# clip step cost, {info['device']}, torch {info['torch']}, {args.dtype} grads, median of {args.iters}"
           f"{', new grads every step' if args.set_to_none else ''}"
-          f"{', no pointer check' if args.no_pointer_check else ''}")
+          f"{', no pointer check' if args.no_pointer_check else ''}"
+          f"{', persistent_grads' if args.persistent_grads else ''}")
     for key, rows in results.items():
         print(f"\n## {key} tensors" if args.shapes == "many" else f"\n## shapes {key}: "
               f"{info.get('num_tensors')} tensors, {info.get('num_elements', 0) / 1e9:.3f} B elements")

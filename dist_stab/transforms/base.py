@@ -17,6 +17,14 @@ step prepared (plan, dtype split, the kernels' pointer and chunk tables): two mo
 (identity, data pointers; see ``check_pointers``) and no Python code per tensor. New gradient
 objects (``set_to_none=True``) rebuild the split and the tables: a few more C-level passes, one per
 tensor property. Gradients are referenced weakly between steps, never kept alive.
+
+``persistent_grads=True`` (opt-in, for many thousands of tensors with gradient buffers that live for the
+whole run: ``zero_grad(set_to_none=False)``, DDP's ``gradient_as_bucket_view``, Megatron-style grad
+buffers): the transform holds the gradients strongly and, each step, checks only the first and the last
+shard's gradient object and address (what ``zero_grad(set_to_none=True)``, a new backward into fresh
+tensors or a ``module.to()`` change); no per-tensor work at all. Replacing or moving one gradient in the
+middle of the list is then not seen (tested, documented): use the default where that can happen. A
+switch to new gradient objects is seen, but the previous ones stay alive until that step.
 """
 from __future__ import annotations
 
@@ -40,6 +48,11 @@ from ..stats import local_maxabs, local_sumsq
 _GRAD = operator.attrgetter("grad")
 _LOCAL = operator.attrgetter("_local_tensor")
 _deref = getattr(operator, "call", weakref.ref.__call__)  # operator.call: Python >= 3.11, faster
+
+
+def _address(g: Optional[torch.Tensor]) -> Optional[int]:
+    """Data pointer of a gradient (of its local tensor for a DTensor); None for no gradient."""
+    return None if g is None else getattr(g, "_local_tensor", g).data_ptr()
 
 
 def _no_grad() -> None:
@@ -101,7 +114,8 @@ class GradTransform:
     check_pointers: bool = True
     tag = "transform"
 
-    def __init__(self, params, *, mode: str = "exact", global_group=None, validate: bool = True):
+    def __init__(self, params, *, mode: str = "exact", global_group=None, validate: bool = True,
+                 persistent_grads: bool = False):
         if mode not in ("exact", "shard_local"):
             raise ValueError(f"mode must be 'exact' or 'shard_local', got {mode!r}")
         self.mode = mode
@@ -121,6 +135,8 @@ class GradTransform:
         self._dtensor = kinds == {"dtensor"}
         self._prepared: Optional[_Prepared] = None
         self._device: Optional[torch.device] = None
+        self.persistent_grads = bool(persistent_grads)
+        self._held: Optional[tuple] = None  # persistent_grads: (grads, first/last raw grad, their data_ptrs)
 
     # ----------------------------------------------------------------- gradients
     def _read(self) -> list:
@@ -139,6 +155,23 @@ class GradTransform:
         if self._plan_key(active) in self._plans:
             return list(map(_LOCAL, raw))
         return [self.shards[i].local_grad() for i in active]
+
+    def _shard_grad(self, i: int):
+        return self._params[i].grad if self._params is not None else self.shards[i].local_grad()
+
+    def _held_grads(self) -> Optional[Tuple[List[torch.Tensor], _Prepared]]:
+        """persistent_grads: last step's pieces and preparation if the first and last shard still hold the
+        same gradient objects at the same addresses (else None: the full path runs)."""
+        held = self._held
+        if held is None or self._prepared is None:
+            return None
+        grads, ends, ptrs = held
+        now = (self._shard_grad(0), self._shard_grad(len(self.shards) - 1))
+        if now[0] is not ends[0] or now[1] is not ends[1]:
+            return None
+        if list(map(_address, now)) != ptrs:
+            return None
+        return grads, self._prepared
 
     def _prepare(self, raw: list) -> Tuple[List[torch.Tensor], Optional[_Prepared]]:
         """This step's pieces and preparation (None: no grad at all). The previous step's preparation
@@ -217,7 +250,14 @@ class GradTransform:
         ``num_nonfinite``.
         """
         self.num_steps += 1
-        grads, prep = self._prepare(self._read())
+        held = self._held_grads() if self.persistent_grads else None
+        if held is not None:
+            grads, prep = held
+        else:
+            grads, prep = self._prepare(self._read())
+            if self.persistent_grads:
+                ends = (self._shard_grad(0), self._shard_grad(len(self.shards) - 1))
+                self._held = None if prep is None else (grads, ends, list(map(_address, ends)))
         if prep is None:
             device = self._device or torch.device("cpu")
             P = len(self.shards)
