@@ -9,6 +9,7 @@ from dist_stab.bench import plots
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 NAMES = ("bench_clip_1b_fp32.json", "bench_clip_fold_1b.json", "bench_clip_many.json", "bench_clip_many_noptr.json",
+         "bench_clip_many_persistent.json",
          "bench_optim_1b_fp32.json", "bench_memory.json")
 
 

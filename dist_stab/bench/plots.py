@@ -3,7 +3,7 @@
     python -m dist_stab.bench.plots --docs docs
 
 Reads the JSON the benchmarks wrote (``bench_clip_1b_fp32.json``, ``bench_clip_fold_1b.json``,
-``bench_clip_many.json`` / ``bench_clip_many_noptr.json``, ``bench_optim_1b_fp32.json``,
+``bench_clip_many{,_noptr,_persistent}.json``, ``bench_optim_1b_fp32.json``,
 ``bench_memory.json``) and writes ``bench_clip.png``, ``bench_optim.png`` and ``bench_memory.png``
 next to them. The figures show the numbers in the JSON, nothing else; a missing JSON skips its figure.
 Needs matplotlib (the ``train`` extra).
@@ -36,7 +36,8 @@ def clip_series(docs: Path) -> Dict[str, object]:
         out["fold"] = [(k, r["overhead_vs_torch_clip"]) for k, r in fold["results"].items()
                        if r["overhead_vs_torch_clip"] is not None]
     many: Dict[str, List[Tuple[int, float]]] = {}
-    for name, label in (("bench_clip_many.json", ""), ("bench_clip_many_noptr.json", ", no pointer check")):
+    for name, label in (("bench_clip_many.json", ""), ("bench_clip_many_noptr.json", ", no pointer check"),
+                        ("bench_clip_many_persistent.json", ", persistent_grads")):
         d = _load(docs / name)
         if not d:
             continue
