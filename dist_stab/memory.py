@@ -4,8 +4,7 @@
 of DTensors: this rank's share). ``predicted_state_bytes(optimizer, state_dtype=None)``: the same,
 predicted from each optimizer's rules before any step (works on meta-device models):
 
-    torch Adam/AdamW   2 moments per element + a 4-byte step per tensor
-    dist_stab AdamW    2 moments per element (its step counts are host ints)
+    torch Adam/AdamW   2 moments per element + a 4-byte step per tensor (also dist_stab's AdamW)
     SPAM               2 moments per element
     StableSPAM         2 moments per element + 3 fp32 scalars per tensor (m_max, m_norm, v_norm)
     SCALE              momentum only on the last layer (lm_head); AdamW moments on 1-D params; nothing
@@ -51,9 +50,9 @@ def _per_param_rule(optimizer, p: torch.Tensor):
         return {LAST: (1, 0), ADAM: (2, 0)}.get(kind, (0, 0))
     if isinstance(optimizer, StableSPAM):
         return 2, 3 * 4
-    if isinstance(optimizer, (SPAM, AdamW)):
+    if isinstance(optimizer, SPAM):
         return 2, 0
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, AdamW)):
         return 2, 4
     if isinstance(optimizer, torch.optim.SGD):
         return (1 if any(g["momentum"] > 0 for g in optimizer.param_groups if any(q is p for q in g["params"])) else 0), 0

@@ -269,3 +269,50 @@ def test_fold_sharded_fsdp2_and_tp():
             assert v["folded"], layout
             assert v["err"] <= 1e-6, (layout, v)
             assert list(v["counts"].values()) == [1] and all(k[1] == "sum" for k in v["counts"]), (layout, v)
+
+
+# ----------------------------------------------------------------------------- skipping without a host sync
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=interpreted)])
+def test_step_factor_zero_skips_everything(fused, monkeypatch):
+    """step_factor=0: parameters, moments and step counts unchanged; the run equals one without that step."""
+    if fused:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("DIST_STAB_TRITON_CPU", "1")
+    params, ref = _params(), _params()
+    opt, ref_opt = AdamW(_groups(params), fused=fused), AdamW(_groups(ref), fused=fused)
+    for step in range(1, STEPS + 1):
+        for p, g in zip(params, _grads(step, params)):
+            p.grad = g
+        skip = step == 2
+        before = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()["state"])
+        opt.step(grad_factors=_factors(step), step_factor=torch.tensor(0.0 if skip else 1.0))
+        if skip:
+            assert all(torch.equal(a, p) for a, p in zip(before[0], params))
+            after = opt.state_dict()["state"]
+            assert all(torch.equal(before[1][i][k], after[i][k]) for i in after for k in after[i])
+            continue
+        for p, g in zip(ref, _grads(step, ref)):
+            p.grad = g
+        ref_opt.step(grad_factors=_factors(step))
+    assert _max_rel(params, ref) <= 1e-6
+    assert int(opt.state[params[0]]["step"]) == STEPS - 1
+
+
+def test_skip_step_uses_step_factor_and_keeps_torch_adamw_state_keys():
+    """SkipStep drives AdamW through step_factor (no snapshot, no host decision), and the state dict has torch
+    AdamW's keys and step dtype, so a torch AdamW checkpoint loads."""
+    calls = []
+    _, w, _ = _train(lambda m: AdamW(m.parameters(), lr=1e-2), TRANSFORMS["GradientStabilizer"], nan_at=3,
+                     skip=ds.SkipStep(), steps=5)
+    assert not w.skip._snap  # the restore mode's snapshot was never needed
+    sd = w.optimizer.state_dict()["state"][0]
+    assert set(sd) == {"step", "exp_avg", "exp_avg_sq"} and sd["step"].dtype == torch.float32 and int(sd["step"]) == 4
+    model = Net()
+    t = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 8)).sum().backward()
+    t.step()
+    o = AdamW(model.parameters(), lr=1e-2)
+    o.load_state_dict(t.state_dict())
+    o.step(step_factor=torch.tensor(1.0))
+    calls.append(int(o.state[model.a.weight]["step"]))
+    assert calls == [2]

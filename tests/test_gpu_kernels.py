@@ -77,10 +77,12 @@ def test_no_host_sync_in_transform_and_optimizer_steps():
     grads()
     wrapped.step(loss=torch.ones((), device="cuda"))
     from dist_stab.optim import AdamW
-    folded = ds.wrap(AdamW(model.parameters(), lr=1e-3), ds.GradientStabilizer(model.named_parameters()))
+    # dist_stab AdamW with GradientStabilizer folded in, and a skip test: step counts on the GPU, step_factor
+    folded = ds.wrap(AdamW(model.parameters(), lr=1e-3), ds.GradientStabilizer(model.named_parameters()),
+                     skip=ds.SkipStep(grad_z=6.0), monitor=ds.SpikeMonitor(min_history=2))
     assert folded.folded
     grads()
-    folded.step()
+    folded.step(loss=torch.ones((), device="cuda"))
     grads()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -90,7 +92,7 @@ def test_no_host_sync_in_transform_and_optimizer_steps():
         for o in opts:
             o.step()
         wrapped.step(loss=torch.ones((), device="cuda"))
-        folded.step()
+        folded.step(loss=torch.ones((), device="cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -28,7 +28,6 @@ partition pieces, run without vector loads), all in the same tables.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -50,12 +49,6 @@ NCONST = len(CONST_COLUMNS)
 #: Per-tensor row (float32) read by the element-wise update; also the eager path's ``sc`` row:
 #: thr, f, gscale, active, decay, decay_inactive, 1-b1', b2, step_size, rbc2, eps, 0.
 ROW = 12
-ROW_GSCALE = 2
-
-
-def adam_row(decay: float, a1: float, b2: float, step_size: float, rbc2: float, eps: float) -> tuple:
-    """A row for plain AdamW (no clipping, gradient scale 1, active): ``g*gscale`` into Adam, see :func:`_adam_block`."""
-    return (math.inf, 1.0, 1.0, 1.0, decay, decay, a1, b2, step_size, rbc2, eps, 0.0)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -441,6 +434,7 @@ def adam_update(plan: Plan, M: torch.Tensor, S: torch.Tensor, consts: torch.Tens
 
 
 def adam_elementwise(plan: Plan, rows: torch.Tensor) -> None:
-    """Only the element-wise Adam of :func:`adam_update`, with the caller's fp32 ``[n, ROW]`` rows (see
-    :func:`adam_row`); a plan of the four roles g, p, exp_avg, exp_avg_sq is enough."""
+    """Only the element-wise Adam of :func:`adam_update`, with the caller's fp32 ``[n, ROW]`` rows (columns as
+    :func:`_scalars_kernel` writes them; plain AdamW: ``dist_stab.optim.adamw``); a plan of the four roles
+    g, p, exp_avg, exp_avg_sq is enough."""
     _elementwise(plan, _adam_kernel, ("PDT", "GDT", "MDT"), rows.contiguous(), ROW=ROW)

@@ -12,15 +12,17 @@ and write of all gradients; folded, its step is the statistics pass alone. Per t
 
 This is torch.optim.AdamW's update (Loshchilov & Hutter, arXiv:1711.05101) with torch's defaults:
 lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2; k counts the steps in which the parameter
-had a gradient (kept per parameter as a host int, ``state[p]["step"]``).
+had a gradient (``state[p]["step"]``: a 0-d fp32 tensor on the parameter's device, as torch's fused AdamW
+keeps it, so bias corrections need no host value and the state dict has torch AdamW's keys).
 
 Paths: on CUDA with Triton (``fused=None``/True), Stable-SPAM's element-wise Adam kernel
 (:func:`dist_stab.kernels.stable_spam_kernels.adam_elementwise`): one launch per dtype combination
 for all tensors, math in fp32, moments in the parameter's dtype; elsewhere ``torch._foreach_*`` ops
 (torch's own foreach AdamW sequence). DTensor parameters update their local pieces.
 
-Skipping a step (:class:`dist_stab.SkipStep`): the step counts live on the host, so, as with the other
-dist_stab optimizers, the skip decision is read on the host (one sync per step with a skip test).
+Skipping a step without a host sync: ``step(step_factor=s)`` with a device 0-d tensor s = 1 (step) or 0
+(skip: parameters, moments and k unchanged); :class:`dist_stab.SkipStep` passes it. On the Triton path the
+decision stays on the device; the foreach fallback reads it on the host (free on CPU, a sync on CUDA).
 
 Bad input: a non-finite gradient or factor propagates into the parameter, as in torch's AdamW (a
 transform in front of it decides what a non-finite tensor becomes); ``grad_factors`` of the wrong
@@ -29,12 +31,12 @@ length or dtype raises.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
-from ._base import (OptItem, ShardedOptimizer, check_betas, check_lr, check_nonneg, group_indices, local_tensor,
-                    pack_scalars)
+from ._base import (OptItem, ShardedOptimizer, acc_dtype, check_betas, check_lr, check_nonneg, group_indices,
+                    local_tensor, pack_scalars)
 
 
 class AdamW(ShardedOptimizer):
@@ -42,6 +44,8 @@ class AdamW(ShardedOptimizer):
 
     tag = "AdamW"
     supports_grad_factors = True
+    supports_step_factor = True
+    host_step_counters = False
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  *, fused: Optional[bool] = None):
@@ -57,7 +61,8 @@ class AdamW(ShardedOptimizer):
         return sum(len(g["params"]) for g in self.param_groups)
 
     @torch.no_grad()
-    def step(self, closure=None, *, grad_factors: Optional[torch.Tensor] = None):
+    def step(self, closure=None, *, grad_factors: Optional[torch.Tensor] = None,
+             step_factor: Optional[torch.Tensor] = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -71,14 +76,14 @@ class AdamW(ShardedOptimizer):
         items: List[OptItem] = []
         for group, p, sp, g in self._collect(positions):
             st = self.state[p]
+            local = sp.local_param()
             if "exp_avg" not in st:
-                st["step"] = 0
+                st["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] += 1
-            items.append(OptItem(sp.spec, sp.local_param(), g,
-                                 {"exp_avg": local_tensor(st["exp_avg"]), "exp_avg_sq": local_tensor(st["exp_avg_sq"]),
-                                  "step": st["step"]}, group))
+            items.append(OptItem(sp.spec, local, g, {"exp_avg": local_tensor(st["exp_avg"]),
+                                                     "exp_avg_sq": local_tensor(st["exp_avg_sq"]),
+                                                     "step": st["step"]}, group))
         if not items:
             return loss
         device = items[0].param.device
@@ -88,71 +93,49 @@ class AdamW(ShardedOptimizer):
             if len(positions) != factors.numel():
                 factors = factors.index_select(0, torch.tensor(positions, device=device))
         if self._fused(device) and all(it.param.device == device for it in items):
-            consts, gidx = self._rows(items)
-            plan = self._triton_plan(items, gidx, device)
+            plan = self._triton_plan(items, _group_index(items), device)
             if plan is not None:
-                self._triton_step(plan, consts, factors, device)
+                s = None if step_factor is None else step_factor.to(device=device, dtype=torch.float32)
+                steps = [it.state["step"] for it in items]
+                torch._foreach_add_(steps, 1.0 if s is None else s)
+                rows = _device_rows(items, plan.gidx, torch.stack(steps), factors, s)
+                with torch.cuda.device(device.index if device.type == "cuda" else -1):
+                    _ssk().adam_elementwise(plan, rows)
                 return loss
+        # host-sync-ok: the foreach fallback reads the skip decision (free on CPU; documented for CUDA)
+        if step_factor is not None and not bool(step_factor):
+            return loss
+        torch._foreach_add_([it.state["step"] for it in items], 1.0)
         self._foreach_step(items, factors)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for p, st in self.state.items():  # step counts: fp32 on the parameter's (local) device
+            if "step" in st:
+                st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(local_tensor(p).device)
+
     # ----------------------------------------------------------------- Triton
-    @staticmethod
-    def _rows(items: List[OptItem]) -> Tuple[List[tuple], List[int]]:
-        """Distinct (group, step) constant rows in Stable-SPAM's kernel row layout, and each item's row."""
-        from ..kernels import stable_spam_kernels as ssk
-
-        rows: Dict[Tuple[int, int], int] = {}
-        consts: List[tuple] = []
-        gidx = []
-        for it in items:
-            key = (id(it.hp), it.state["step"])
-            j = rows.get(key)
-            if j is None:
-                j = rows[key] = len(consts)
-                hp, k = it.hp, it.state["step"]
-                b1, b2 = (float(b) for b in hp["betas"])
-                lr, decay = float(hp["lr"]), 1.0 - float(hp["lr"]) * float(hp["weight_decay"])
-                bc1, bc2 = -math.expm1(k * math.log(b1)), -math.expm1(k * math.log(b2))
-                consts.append(ssk.adam_row(decay=decay, a1=1.0 - b1, b2=b2, step_size=lr / bc1,
-                                           rbc2=1.0 / math.sqrt(bc2), eps=float(hp["eps"])))
-            gidx.append(j)
-        return consts, gidx
-
     def _triton_plan(self, items: List[OptItem], gidx: List[int], device):
-        from ..kernels import stable_spam_kernels as ssk
-
         roles = [[it.grad for it in items], [it.param for it in items],
                  [it.state["exp_avg"] for it in items], [it.state["exp_avg_sq"] for it in items]]
         ptrs = list(map(torch.Tensor.data_ptr, [t for r in roles for t in r]))
         old_sig, plan = self._plans.get(device, (None, None))
         if (ptrs, gidx) != old_sig:
-            plan = ssk.make_plan(roles, ptrs, gidx, device, plan)
+            plan = _ssk().make_plan(roles, ptrs, gidx, device, plan)
             self._plans[device] = ((ptrs, gidx), plan)
         return plan
-
-    @staticmethod
-    def _triton_step(plan, consts: List[tuple], factors: Optional[torch.Tensor], device) -> None:
-        from ..kernels import stable_spam_kernels as ssk
-
-        table = pack_scalars(consts, device, torch.float32, ssk.ROW)
-        rows = table.index_select(0, plan.gidx)
-        if factors is not None:
-            rows[:, ssk.ROW_GSCALE].copy_(factors)
-        with torch.cuda.device(device.index if device.type == "cuda" else -1):
-            ssk.adam_elementwise(plan, rows)
 
     # ----------------------------------------------------------------- torch foreach
     @staticmethod
     def _foreach_step(items: List[OptItem], factors: Optional[torch.Tensor]) -> None:
-        by_hp: Dict[Tuple[int, int], List[int]] = {}
+        by_hp: Dict[int, List[int]] = {}
         for j, it in enumerate(items):
-            by_hp.setdefault((id(it.hp), it.state["step"]), []).append(j)
+            by_hp.setdefault(id(it.hp), []).append(j)
         for idx in by_hp.values():
-            hp, k = items[idx[0]].hp, items[idx[0]].state["step"]
+            hp = items[idx[0]].hp
             b1, b2 = (float(b) for b in hp["betas"])
             lr, wd, eps = float(hp["lr"]), float(hp["weight_decay"]), float(hp["eps"])
-            bc1, bc2 = -math.expm1(k * math.log(b1)), -math.expm1(k * math.log(b2))
             sel = [items[j] for j in idx]
             for sub in group_indices([it.param for it in sel], [it.grad for it in sel]):
                 its = [sel[j] for j in sub]
@@ -163,12 +146,47 @@ class AdamW(ShardedOptimizer):
                 if factors is not None:
                     f = factors.index_select(0, torch.tensor([idx[j] for j in sub], device=factors.device))
                     gs = torch._foreach_mul(gs, list(f.to(ps[0].dtype).unbind()))
+                # bias corrections from the device step counts (fp64 for fp64 parameters)
+                k = torch.stack([it.state["step"] for it in its]).to(acc_dtype(ps[0]))
+                bc1, bc2 = -torch.expm1(k * math.log(b1)), -torch.expm1(k * math.log(b2))
                 if wd != 0:
                     torch._foreach_mul_(ps, 1.0 - lr * wd)
                 torch._foreach_lerp_(ms, gs, 1.0 - b1)
                 torch._foreach_mul_(vs, b2)
                 torch._foreach_addcmul_(vs, gs, gs, 1.0 - b2)
                 denom = torch._foreach_sqrt(vs)
-                torch._foreach_div_(denom, math.sqrt(bc2))
+                torch._foreach_div_(denom, list(bc2.sqrt().unbind()))
                 torch._foreach_add_(denom, eps)
-                torch._foreach_addcdiv_(ps, ms, denom, -lr / bc1)
+                update = torch._foreach_div(ms, denom)
+                torch._foreach_mul_(update, list((-lr / bc1).unbind()))
+                torch._foreach_add_(ps, update)
+
+
+def _ssk():
+    from ..kernels import stable_spam_kernels
+
+    return stable_spam_kernels
+
+
+def _group_index(items: List[OptItem]) -> List[int]:
+    """Each item's parameter group, numbered in first-seen order."""
+    seen: Dict[int, int] = {}
+    return [seen.setdefault(id(it.hp), len(seen)) for it in items]
+
+
+def _device_rows(items: List[OptItem], gidx: torch.Tensor, k: torch.Tensor, factors: Optional[torch.Tensor],
+                 s: Optional[torch.Tensor]) -> torch.Tensor:
+    """fp32 ``[n, ROW]`` rows of Stable-SPAM's Adam kernel for plain AdamW, from the device step counts ``k``:
+    thr inf, f 1, gscale = factor, active = s, decay, decay_inactive 1, 1-b1, b2, lr/(1-b1^k), 1/sqrt(1-b2^k), eps."""
+    groups: Dict[int, dict] = {}
+    for it in items:
+        groups.setdefault(id(it.hp), it.hp)
+    hp = pack_scalars([(float(g["lr"]), float(g["weight_decay"]), float(g["betas"][0]), float(g["betas"][1]),
+                        float(g["eps"])) for g in groups.values()], k.device, torch.float32, 5)
+    lr, wd, b1, b2, eps = hp.index_select(0, gidx).unbind(1)[:5]
+    bc1 = -torch.expm1(k * torch.log(b1))
+    bc2 = -torch.expm1(k * torch.log(b2))
+    one = torch.ones_like(k)
+    return torch.stack([torch.full_like(k, math.inf), one, one if factors is None else factors,
+                        one if s is None else s.expand_as(k), 1.0 - lr * wd, one, 1.0 - b1, b2, lr / bc1,
+                        torch.rsqrt(bc2), eps, torch.zeros_like(k)], 1).contiguous()
