@@ -20,7 +20,9 @@ torch ``clip_grad_norm_`` + torch fused AdamW against each transform in place + 
 into :class:`dist_stab.optim.AdamW` (the transform's factors read by the optimizer's kernel instead of a
 rescale pass). The clip overhead of a row is its time minus the time of its optimizer alone; its ratio is
 taken against the overhead of ``clip_grad_norm_`` (the "folded" rows also carry any difference between
-dist_stab's and torch's AdamW kernels, since they are measured against torch's fused AdamW alone).
+dist_stab's and torch's AdamW kernels, since they are measured against torch's fused AdamW alone). The rows
+are timed round robin (each iteration times every row once), so a drift of the GPU's speed during the run hits
+all rows alike.
 """
 from __future__ import annotations
 
@@ -54,10 +56,11 @@ def make_grads(shapes, device, dtype, seed=0):
     return params, grads
 
 
-def timeit(fn, restore, iters, device):
-    """Medians of (ms by CUDA events, host ms until ``fn`` returns); on CPU both are wall time."""
+def timeit(fn, restore, iters, device, warmup=3):
+    """Medians of (ms by CUDA events, host ms until ``fn`` returns) over ``iters`` calls after ``warmup``;
+    on CPU both are wall time."""
     times, host = [], []
-    for i in range(iters + 3):
+    for i in range(iters + warmup):
         restore()
         if device.type == "cuda":
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -73,7 +76,7 @@ def timeit(fn, restore, iters, device):
             t0 = time.perf_counter()
             fn()
             ms = h = (time.perf_counter() - t0) * 1e3
-        if i >= 3:
+        if i >= warmup:
             times.append(ms)
             host.append(h)
     return statistics.median(times), statistics.median(host)
@@ -134,13 +137,12 @@ def bench_with_optimizer(shapes, device, dtype, iters):
     fused = device.type == "cuda"
     torch_adamw = torch.optim.AdamW(params, lr=1e-6, fused=fused or None)
     ds_adamw = AdamW(params, lr=1e-6)
-    rows = {"torch fused AdamW alone": timeit(torch_adamw.step, restore, iters, device),
-            "dist_stab AdamW alone": timeit(ds_adamw.step, restore, iters, device)}
 
     def clip_then_torch():
         torch.nn.utils.clip_grad_norm_(params, 1e-3, foreach=True)
         torch_adamw.step()
-    rows["torch clip_grad_norm_ + torch AdamW"] = timeit(clip_then_torch, restore, iters, device)
+    fns = {"torch fused AdamW alone": torch_adamw.step, "dist_stab AdamW alone": ds_adamw.step,
+           "torch clip_grad_norm_ + torch AdamW": clip_then_torch}
     makers = {"GradientStabilizer": lambda: ds.GradientStabilizer(named),
               "AdaGC (steady)": lambda: ds.AdaGC(named, warmup_steps=0, lambda_rel=1e30),
               "AdaGC (all clipped)": lambda: ds.AdaGC(named, warmup_steps=0, lambda_rel=1.0 + 1e-6)}
@@ -152,7 +154,15 @@ def bench_with_optimizer(shapes, device, dtype, iters):
             w.step()  # AdaGC: seeds gamma (the regime holds from the next step on)
             if name == "AdaGC (all clipped)":
                 w.transforms[0].state["gamma"].fill_(1e-30)
-            rows[f"{name} {label}"] = timeit(w.step, restore, iters, device)
+            fns[f"{name} {label}"] = w.step
+    # round robin: every iteration times each row once, so drifts of the GPU's speed hit all rows alike
+    per_row = {k: ([], []) for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
+            ms, h = timeit(fn, restore, 1, device, warmup=0 if per_row[k][0] else 3)
+            per_row[k][0].append(ms)
+            per_row[k][1].append(h)
+    rows = {k: (statistics.median(a), statistics.median(b)) for k, (a, b) in per_row.items()}
     alone = {"torch": rows["torch fused AdamW alone"][0], "dist_stab": rows["dist_stab AdamW alone"][0]}
     clip_over = rows["torch clip_grad_norm_ + torch AdamW"][0] - alone["torch"]
     out = {}

@@ -97,8 +97,9 @@ class AdamW(ShardedOptimizer):
             if plan is not None:
                 s = None if step_factor is None else step_factor.to(device=device, dtype=torch.float32)
                 steps = [it.state["step"] for it in items]
-                torch._foreach_add_(steps, 1.0 if s is None else s)
-                rows = _device_rows(items, plan.gidx, torch.stack(steps), factors, s)
+                k = torch.stack(steps) + (1.0 if s is None else s)
+                torch._foreach_copy_(steps, list(k.unbind()))  # (foreach_add_ with a device scalar syncs)
+                rows = _device_rows(items, plan.gidx, k, factors, s)
                 with torch.cuda.device(device.index if device.type == "cuda" else -1):
                     _ssk().adam_elementwise(plan, rows)
                 return loss
