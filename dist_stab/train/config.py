@@ -104,6 +104,8 @@ class TrainConfig:
     inject_nan_at: Optional[int] = None  # fault injection: a NaN in one gradient element on rank 0 at this step
     inject_spike_every: int = 0  # stress test: every N steps multiply all gradients by inject_spike_scale (0: off)
     inject_spike_scale: float = 1000.0  # the injected gradient spike (100-1000x in the stability benchmark)
+    keep_grads: bool = False  # zero_grad(set_to_none=False): grads live for the run (memory held through forward);
+    # the transform then runs persistent_grads=True (checks only its first and last grad: no per-tensor host work)
 
 
 @dataclass

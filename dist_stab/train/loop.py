@@ -131,7 +131,7 @@ class Trainer:
         if self.par.mode == "deepspeed":
             self._init_deepspeed(bf16=use_bf16)
         else:
-            self.transforms = build_transforms(cfg.transform, self.model)
+            self.transforms = build_transforms(cfg.transform, self.model, persistent_grads=cfg.train.keep_grads)
             self.stat_tag = self.transforms[0].tag if self.transforms else "GradNorm"
             self.skip = dist_stab.SkipStep(nonfinite=sp.skip_nonfinite, loss_z=sp.skip_loss_z,
                                            grad_z=sp.skip_grad_z, mode=sp.skip_mode)
@@ -271,7 +271,7 @@ class Trainer:
         self.opt.step(loss=loss_sum)
         calls, nbytes = self.tally.add_step([r for r in comm_log.records[n_before:] if r.tag != "SpikeMonitor"])
         comm_log.clear()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not cfg.train.keep_grads)
         out = {"loss": loss_sum, "lr": lr, "comm_calls": calls, "comm_bytes": nbytes}
         st = self.opt.last_stats[self.stat_tag]
         out.update(grad_norm=st["global_norm"], num_nonfinite=st["num_nonfinite"])

@@ -79,10 +79,11 @@ def build_optimizer(cfg, model: nn.Module, total_steps: Optional[int] = None) ->
 TRANSFORMS = ("none", "global_clip", "adagc", "gradient_stabilizer", "zclip")
 
 
-def build_transforms(cfg, model: nn.Module) -> list:
+def build_transforms(cfg, model: nn.Module, persistent_grads: bool = False) -> list:
     """``cfg`` is a TransformConfig; returns a list (empty for ``none``) of dist_stab transforms.
 
-    Transforms receive ``model.named_parameters()`` so their state is keyed by FQN.
+    Transforms receive ``model.named_parameters()`` so their state is keyed by FQN; ``persistent_grads``
+    goes to each (the trainer's ``train.keep_grads``).
     """
     import dist_stab
 
@@ -92,4 +93,5 @@ def build_transforms(cfg, model: nn.Module) -> list:
         return []
     if cfg.name not in classes:
         raise ValueError(f"unknown transform {cfg.name!r}; known: {TRANSFORMS}")
-    return [classes[cfg.name](list(model.named_parameters()), **cfg.kwargs)]
+    kw = {"persistent_grads": True} if persistent_grads else {}
+    return [classes[cfg.name](list(model.named_parameters()), **kw, **cfg.kwargs)]
