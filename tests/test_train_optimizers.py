@@ -45,3 +45,22 @@ def test_dist_stab_optimizer_fsdp2_and_resume(cache_dir, tmp_path, name):  # noq
     _close(full, ref_losses, range(1, STEPS + 1))
     assert sorted(resumed) == [4, 5, 6]
     _close(resumed, full, [4, 5, 6], tol=1e-6)
+
+
+@needs_corpus
+def test_folded_gradient_stabilizer_equals_in_place_in_the_trainer(cache_dir, tmp_path):  # noqa: F811
+    """optim.name=ds_adamw folds the transform into the optimizer; the trainer's two param groups (decay /
+    no decay) order the parameters differently from the transform: the run equals torch AdamW + the in-place
+    transform."""
+    from dist_stab.train.config import load_config
+    from dist_stab.train.loop import Trainer
+
+    out = {}
+    for name in ("adamw", "ds_adamw"):
+        tr = Trainer(load_config(None, base(cache_dir, tmp_path / name, "parallel.mode=none", f"optim.name={name}",
+                                            "transform.name=gradient_stabilizer", "optim.weight_decay=0.1")),
+                     log_fn=lambda s: None)
+        tr.fit()
+        assert tr.opt.folded == (name == "ds_adamw") and len(tr.inner_opt.param_groups) == 2
+        out[name] = {r["step"]: r["loss"] for r in tr.history if "loss" in r and "summary" not in r}
+    _close(out["ds_adamw"], out["adamw"], range(1, STEPS + 1), tol=1e-6)
