@@ -183,3 +183,34 @@ def test_kept_grads_moved_in_place_are_seen_on_cuda():
         ref.step()
         for a, b in zip(kept, fresh):
             assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0), step
+
+
+@pytest.mark.parametrize("name", ["GradientStabilizer", "AdaGC"])
+def test_folded_equals_in_place_on_cuda(name):
+    """wrap(dist_stab AdamW (Triton), transform) folded = wrap(torch fused AdamW, transform) in place, fp32, 6 steps,
+    two param groups (the optimizer's order differs from the transform's)."""
+    from dist_stab.optim import AdamW
+
+    def run(make_opt):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 48), torch.nn.LayerNorm(48),
+                                    torch.nn.Linear(48, 64, bias=False)).cuda()
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        other = [p for p in model.parameters() if p.dim() < 2]
+        groups = [dict(params=other, weight_decay=0.0), dict(params=decay, weight_decay=0.1)]
+        t = (ds.GradientStabilizer(model.named_parameters()) if name == "GradientStabilizer"
+             else ds.AdaGC(model.named_parameters(), warmup_steps=2, max_norm=0.5, lambda_rel=1.01))
+        w = ds.wrap(make_opt(groups), t)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        for step in range(6):
+            w.zero_grad()
+            x = torch.randint(0, 64, (8, 16), device="cuda", generator=gen)
+            model(x).float().square().mean().mul(1 + step).backward()
+            w.step()
+        return w.folded, [p.detach().clone() for p in model.parameters()]
+
+    ref_folded, ref = run(lambda g: torch.optim.AdamW(g, lr=1e-2, fused=True))
+    got_folded, got = run(lambda g: AdamW(g, lr=1e-2))
+    assert got_folded and not ref_folded
+    for a, b in zip(got, ref):
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
