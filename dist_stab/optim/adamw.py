@@ -35,12 +35,14 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..kernels import use_triton
 from ._base import (OptItem, ShardedOptimizer, acc_dtype, check_betas, check_lr, check_nonneg, group_indices,
                     local_tensor, pack_scalars)
 
 
 class AdamW(ShardedOptimizer):
-    """See the module docstring. ``fused``: Triton kernels (None: on CUDA when Triton is importable)."""
+    """See the module docstring. ``fused``: Triton kernels where :func:`dist_stab.kernels.use_triton` allows them
+    (None: on CUDA when Triton is importable; elsewhere the foreach path runs)."""
 
     tag = "AdamW"
     supports_grad_factors = True
@@ -92,7 +94,7 @@ class AdamW(ShardedOptimizer):
             factors = grad_factors.to(device=device, dtype=torch.float32)
             if len(positions) != factors.numel():
                 factors = factors.index_select(0, torch.tensor(positions, device=device))
-        if self._fused(device) and all(it.param.device == device for it in items):
+        if self._fused(device) and use_triton(items[0].grad) and all(it.param.device == device for it in items):
             plan = self._triton_plan(items, _group_index(items), device)
             if plan is not None:
                 s = None if step_factor is None else step_factor.to(device=device, dtype=torch.float32)

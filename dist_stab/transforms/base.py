@@ -106,7 +106,8 @@ class GradTransform:
 
     state_init: Dict[str, float] = {}
     needs_max: bool = False
-    apply_factors: bool = True  # False: measure only (GradNorm)
+    apply_factors: bool = True  # False: measure only (GradNorm), or the factors go elsewhere: wrap() sets it on the
+    # last transform when it folds the factors into the optimizer (dist_stab.optim.AdamW reads them)
     #: Compare every gradient's data pointer with the kernels' tables each step (Triton path; a C-level
     #: pass, roughly a third of the host time of a step that reuses them). False: only the objects'
     #: identity is checked, and a gradient kept across steps must not be moved in place (``.set_()``,
