@@ -2,7 +2,7 @@
 losses equal the 1-process non-DeepSpeed run of the same config, AdaGC's one SUM per step over the ZeRO group
 is in the communication report, and a resume from a DeepSpeed checkpoint (same world size) continues the
 uninterrupted run; SCALE (a dist_stab optimizer, through dist_stab's ZeRO bridge) on ZeRO-3 equals its
-1-process run too. Also: TensorBoard scalars and the rank-0 progress bar (1 process), the DeepSpeed JSON's
+1-process run too, and so does dist_stab's AdamW on ZeRO-2. Also: TensorBoard scalars and the rank-0 progress bar (1 process), the DeepSpeed JSON's
 batch keys checked against the trainer's, and ``configs/7b_zero3.yaml`` through the memory plan."""
 import io
 import json
@@ -35,6 +35,7 @@ def _ds_worker(rank, world, cache, tmp):
            for s in (1, 2, 3)}
     out["resumed"] = train(3, "resumed", f"checkpoint.load={tmp}/zero3/checkpoints/step_0000003")
     out["scale"] = train(3, "scale", "optim.name=scale")
+    out["ds_adamw"] = train(2, "ds_adamw", "optim.name=ds_adamw")  # dist_stab's AdamW as ZeRO's client optimizer
     return out
 
 
@@ -58,6 +59,9 @@ def test_zero_1_2_3_match_single_process_and_resume(cache_dir, reference, tmp_pa
         r = out["resumed"]
         assert sorted(r["losses"]) == [4, 5, 6] and r["summary"]["resumed_from"].endswith("step_0000003")
         _close(r["losses"], out[3]["losses"], [4, 5, 6], tol=1e-6)
+    adamw_ref = run_dist(_train, 1, base(cache_dir, tmp_path / "adamw_ref", "parallel.mode=none", "optim.name=ds_adamw"))
+    for out in outs:
+        _close(out["ds_adamw"]["losses"], adamw_ref[0]["losses"], range(1, STEPS + 1))
     scale_ref = run_dist(_train, 1, base(cache_dir, tmp_path / "scale_ref", "parallel.mode=none", "optim.name=scale"))
     for out in outs:
         _close(out["scale"]["losses"], scale_ref[0]["losses"], range(1, STEPS + 1))
