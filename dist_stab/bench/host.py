@@ -3,12 +3,14 @@
     python -m dist_stab.bench.host --counts 1000,5000,20000
     python -m dist_stab.bench.host --counts 20000 --set-to-none
     python -m dist_stab.bench.host --counts 20000 --path fallback --profile
+    python -m dist_stab.bench.host --counts 1000,5000,20000 --persistent-grads
 
 ``--path triton`` (default): the CUDA path's host code (``dist_stab.kernels.multi_tensor``) on CPU
 tensors with its two kernel launches stubbed out, so the time is what a GPU step costs the host
 (needs Triton importable; sets ``DIST_STAB_TRITON_CPU=1 TRITON_INTERPRET=1``). ``--path fallback``:
 the ``torch._foreach_*`` path that really runs on CPU, and, for comparison, torch's own
 ``_foreach_norm`` + ``_foreach_mul_`` on the same tensors (C++ per-tensor cost, not ours).
+``--persistent-grads``: the transforms built with ``persistent_grads=True`` (first and last grad checked).
 ``--set-to-none``: every step sees new gradient tensors (``zero_grad(set_to_none=True)``);
 otherwise the same ones. Times are CPU time of this process (one torch thread; nothing waits on CPU,
 so it equals wall time on an idle machine and stays steady on a shared one). Each cell: best (median)
@@ -45,12 +47,14 @@ def stub_triton() -> None:
     multi_tensor._sumsq_kernel = multi_tensor._scale_kernel = _NoLaunch()
 
 
-def setup(n: int, shape, make):
+def setup(n: int, shape, make, persistent_grads: bool = False):
     params = [torch.nn.Parameter(torch.zeros(shape)) for _ in range(n)]
     grads = [torch.randn(shape) * 1e-2 for _ in range(n)]
     for p, g in zip(params, grads):
         p.grad = g
-    return params, grads, make([(f"p{i}", p) for i, p in enumerate(params)])
+    t = make([(f"p{i}", p) for i, p in enumerate(params)])
+    t.persistent_grads = persistent_grads
+    return params, grads, t
 
 
 def best_median(times):
@@ -91,6 +95,7 @@ def main(argv=None):
     ap.add_argument("--set-to-none", action="store_true")
     ap.add_argument("--no-pointer-check", action="store_true",
                     help="GradTransform.check_pointers = False: identity check only (see dist_stab.transforms.base)")
+    ap.add_argument("--persistent-grads", action="store_true", help="transforms with persistent_grads=True")
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--profile", action="store_true", help="cProfile 5 steps of the first method at the last count")
     args = ap.parse_args(argv)
@@ -102,19 +107,20 @@ def main(argv=None):
     methods = args.methods.split(",")
     print(f"# host ms per step, path {args.path}, shape {shape}, "
           f"{'new grads every step' if args.set_to_none else 'same grads'}"
-          f"{', no pointer check' if args.no_pointer_check else ''}, best (median) of {args.iters}")
+          f"{', no pointer check' if args.no_pointer_check else ''}"
+          f"{', persistent_grads' if args.persistent_grads else ''}, best (median) of {args.iters}")
     print("| tensors | " + " | ".join(methods) + (" | torch foreach norm+mul |" if args.path == "fallback" else " |"))
     print("|---" * (len(methods) + 1 + (args.path == "fallback")) + "|")
     for n in [int(c) for c in args.counts.split(",")]:
         row = []
         for name in methods:
-            params, grads, t = setup(n, shape, METHODS[name])
+            params, grads, t = setup(n, shape, METHODS[name], args.persistent_grads)
             row.append(time_steps(t, params, grads, args.iters, args.set_to_none))
         if args.path == "fallback":
             row.append(foreach_floor([p.grad for p in params], args.iters))
         print(f"| {n} | " + " | ".join(f"{lo:.2f} ({med:.2f})" for lo, med in row) + " |")
     if args.profile:
-        params, grads, t = setup(n, shape, METHODS[methods[0]])
+        params, grads, t = setup(n, shape, METHODS[methods[0]], args.persistent_grads)
         prof = cProfile.Profile(time.process_time)
         prof.runcall(time_steps, t, params, grads, 5, args.set_to_none)
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
