@@ -66,6 +66,13 @@ def test_matches_torch_adamw_without_factors():
     assert opt.state[got[3]]["step"] == STEPS - 1 and opt.state[got[0]]["step"] == STEPS  # counted per parameter
 
 
+def test_cpu_foreach_path_is_torch_foreach_adamw_bitwise():
+    """On CPU the step counts are read for free: the same foreach ops and scalars as torch's foreach AdamW."""
+    ref, _ = _run(lambda g: torch.optim.AdamW(g, foreach=True), factors=False)
+    got, _ = _run(lambda g: AdamW(g, fused=False), factors=False)
+    assert _max_rel(got, ref) == 0.0
+
+
 def test_grad_factors_equal_prescaled_gradients_and_leave_grads_alone():
     ref, _ = _run(lambda g: torch.optim.AdamW(g, foreach=False), prescale=True)
     got, _ = _run(lambda g: AdamW(g))

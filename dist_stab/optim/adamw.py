@@ -18,7 +18,9 @@ keeps it, so bias corrections need no host value and the state dict has torch Ad
 Paths: on CUDA with Triton (``fused=None``/True), Stable-SPAM's element-wise Adam kernel
 (:func:`dist_stab.kernels.stable_spam_kernels.adam_elementwise`): one launch per dtype combination
 for all tensors, math in fp32, moments in the parameter's dtype; elsewhere ``torch._foreach_*`` ops
-(torch's own foreach AdamW sequence). DTensor parameters update their local pieces.
+(torch's own foreach AdamW sequence: bitwise equal to ``torch.optim.AdamW(foreach=True)`` on CPU, where the
+step counts are read without a sync; on CUDA the bias corrections stay device tensors). DTensor parameters
+update their local pieces.
 
 Skipping a step without a host sync: ``step(step_factor=s)`` with a device 0-d tensor s = 1 (step) or 0
 (skip: parameters, moments and k unchanged); :class:`dist_stab.SkipStep` passes it. On the Triton path the
@@ -149,15 +151,22 @@ class AdamW(ShardedOptimizer):
                 if factors is not None:
                     f = factors.index_select(0, torch.tensor([idx[j] for j in sub], device=factors.device))
                     gs = torch._foreach_mul(gs, list(f.to(ps[0].dtype).unbind()))
-                # bias corrections from the device step counts (fp64 for fp64 parameters)
-                k = torch.stack([it.state["step"] for it in its]).to(acc_dtype(ps[0]))
-                bc1, bc2 = -torch.expm1(k * math.log(b1)), -torch.expm1(k * math.log(b2))
                 if wd != 0:
                     torch._foreach_mul_(ps, 1.0 - lr * wd)
                 torch._foreach_lerp_(ms, gs, 1.0 - b1)
                 torch._foreach_mul_(vs, b2)
                 torch._foreach_addcmul_(vs, gs, gs, 1.0 - b2)
                 denom = torch._foreach_sqrt(vs)
+                steps = [it.state["step"] for it in its]
+                if steps[0].device.type == "cpu":  # reading CPU step counts costs no sync: torch's foreach AdamW ops
+                    k = [float(x) for x in torch.stack(steps).tolist()]
+                    torch._foreach_div_(denom, [(1.0 - b2 ** x) ** 0.5 for x in k])
+                    torch._foreach_add_(denom, eps)
+                    torch._foreach_addcdiv_(ps, ms, denom, [-lr / (1.0 - b1 ** x) for x in k])
+                    continue
+                # device step counts: bias corrections as device tensors (fp64 for fp64 parameters)
+                kt = torch.stack(steps).to(acc_dtype(ps[0]))
+                bc1, bc2 = -torch.expm1(kt * math.log(b1)), -torch.expm1(kt * math.log(b2))
                 torch._foreach_div_(denom, list(bc2.sqrt().unbind()))
                 torch._foreach_add_(denom, eps)
                 update = torch._foreach_div(ms, denom)
