@@ -88,6 +88,10 @@ def test_fp64_and_bad_input():
         opt.step(grad_factors=torch.ones(4))
     with pytest.raises(ValueError, match="float"):
         opt.step(grad_factors=torch.ones(5, dtype=torch.long))
+    c = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    c.grad = torch.ones_like(c)
+    with pytest.raises(TypeError, match="complex"):
+        AdamW([c]).step()
     p = [nn.Parameter(torch.zeros(2))]
     for kw in (dict(lr=-1.0), dict(betas=(1.0, 0.9)), dict(eps=0.0), dict(weight_decay=float("nan"))):
         with pytest.raises(ValueError):

@@ -28,7 +28,7 @@ decision stays on the device; the foreach fallback reads it on the host (free on
 
 Bad input: a non-finite gradient or factor propagates into the parameter, as in torch's AdamW (a
 transform in front of it decides what a non-finite tensor becomes); ``grad_factors`` of the wrong
-length or dtype raises.
+length or dtype, complex parameters and sparse gradients raise.
 """
 from __future__ import annotations
 
@@ -79,6 +79,8 @@ class AdamW(ShardedOptimizer):
         positions: List[int] = []
         items: List[OptItem] = []
         for group, p, sp, g in self._collect(positions):
+            if p.is_complex():
+                raise TypeError(f"dist_stab AdamW does not take complex parameters ({sp.fqn}); use torch.optim.AdamW")
             st = self.state[p]
             local = sp.local_param()
             if "exp_avg" not in st:
