@@ -239,7 +239,8 @@ def test_fold_with_skip_step():
     assert all(torch.isfinite(p).all() for p in got.parameters())
 
 
-# ----------------------------------------------------------------------------- 2 gloo ranks: FSDP2 and TP
+# ----------------------------------------------------------------------------- 2 gloo ranks: FSDP2 and TP (also
+# with grads kept across steps and persistent_grads: the DTensor grads are then read once)
 def _dist_fold(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -249,25 +250,30 @@ def _dist_fold(rank, world):
 
     out = {}
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
-    for layout in ("fsdp", "tp"):
+    for layout in ("fsdp", "tp", "fsdp-persistent", "tp-persistent"):
+        persistent = layout.endswith("persistent")  # grads kept across steps, the transform holds them
         ref = Net()
         ref_w = ds.wrap(torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False), ds.GradientStabilizer(ref))
         model = Net()
         mesh = init_device_mesh("cpu", (world,))
-        if layout == "fsdp":
+        if layout.startswith("fsdp"):
             fully_shard(model, mesh=mesh)
         else:
             parallelize_module(model, mesh, {"a": ColwiseParallel(), "b": RowwiseParallel()})
-        w = ds.wrap(AdamW(model.parameters(), lr=1e-2), ds.GradientStabilizer(model))
+        w = ds.wrap(AdamW(model.parameters(), lr=1e-2), ds.GradientStabilizer(model, persistent_grads=persistent))
+        reads = []
+        orig = w.transforms[0]._read
+        w.transforms[0]._read = lambda: (reads.append(1), orig())[1]
         for step in range(4):
             for m, o in ((ref, ref_w), (model, w)):
-                o.zero_grad()
+                o.zero_grad(set_to_none=not (persistent and o is w))
                 m(x * (1 + step)).pow(2).mean().backward()
                 comm_log.clear()
                 o.step()
         counts = {k: n for k, (n, _) in comm_log.summary().items()}
         full = [p.full_tensor() for p in model.parameters()]
-        out[layout] = dict(err=_max_rel(full, list(ref.parameters())), folded=w.folded, counts=counts)
+        out[layout] = dict(err=_max_rel(full, list(ref.parameters())), folded=w.folded, counts=counts,
+                           full_reads=len(reads))
     return out
 
 
@@ -280,6 +286,7 @@ def test_fold_sharded_fsdp2_and_tp():
             assert v["folded"], layout
             assert v["err"] <= 1e-6, (layout, v)
             assert list(v["counts"].values()) == [1] and all(k[1] == "sum" for k in v["counts"]), (layout, v)
+            assert v["full_reads"] == (1 if layout.endswith("persistent") else 4), (layout, v)
 
 
 # ----------------------------------------------------------------------------- skipping without a host sync
