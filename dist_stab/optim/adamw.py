@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..kernels import use_triton
+from ..kernels import _int64_on, use_triton
 from ._base import (OptItem, ShardedOptimizer, acc_dtype, check_betas, check_lr, check_nonneg, group_indices,
                     local_tensor, pack_scalars)
 
@@ -96,8 +96,8 @@ class AdamW(ShardedOptimizer):
         factors = None
         if grad_factors is not None:
             factors = grad_factors.to(device=device, dtype=torch.float32)
-            if len(positions) != factors.numel():
-                factors = factors.index_select(0, torch.tensor(positions, device=device))
+            if len(positions) != factors.numel():  # some parameters have no grad: their factors drop out
+                factors = factors.index_select(0, _int64_on(positions, device))
         if self._fused(device) and use_triton(items[0].grad) and all(it.param.device == device for it in items):
             plan = self._triton_plan(items, _group_index(items), device)
             if plan is not None:
@@ -151,7 +151,7 @@ class AdamW(ShardedOptimizer):
                 vs = [it.state["exp_avg_sq"] for it in its]
                 gs = [it.grad if it.grad.dtype == it.param.dtype else it.grad.to(it.param.dtype) for it in its]
                 if factors is not None:
-                    f = factors.index_select(0, torch.tensor([idx[j] for j in sub], device=factors.device))
+                    f = factors.index_select(0, _int64_on([idx[j] for j in sub], factors.device))
                     gs = torch._foreach_mul(gs, list(f.to(ps[0].dtype).unbind()))
                 if wd != 0:
                     torch._foreach_mul_(ps, 1.0 - lr * wd)
