@@ -86,9 +86,14 @@ def _spam_foreach(ps, gs, ms, vs, rows, sdt) -> None:
         torch._foreach_mul_(q, [cols[4][j] for j in idx])
         new = torch._foreach_sub(pf, q)
         torch._foreach_mul_(new, [cols[6][j] for j in idx])
-        oks = [torch.isfinite(t) for t in gf]
-        src = ([torch.where(ok, a, b) for ok, a, b in zip(oks, mn, mf)] + [torch.where(ok, a, b) for ok, a, b in zip(oks, vn, vf)]
-               + [torch.where(ok, a, b) for ok, a, b in zip(oks, new, pf)])
+        # CPU (flags read without a sync): a tensor whose max|g| is finite has no entry to skip, its results
+        # are taken whole (what where() gives); the others, and every tensor on other devices, select per entry
+        fin = ([math.isfinite(x) for x in torch.stack(torch._foreach_norm(gf, math.inf)).tolist()]
+               if gf and gf[0].device.type == "cpu" else [False] * len(gf))
+        oks = [None if f else torch.isfinite(t) for f, t in zip(fin, gf)]
+        src = ([a if ok is None else torch.where(ok, a, b) for ok, a, b in zip(oks, mn, mf)]
+               + [a if ok is None else torch.where(ok, a, b) for ok, a, b in zip(oks, vn, vf)]
+               + [a if ok is None else torch.where(ok, a, b) for ok, a, b in zip(oks, new, pf)])
         torch._foreach_copy_(m_ + v_ + p_, src)
 
 

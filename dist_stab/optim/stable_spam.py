@@ -67,17 +67,25 @@ def _col(sc, c, idx):
     return [col[j] for j in idx]
 
 
-def _clipped_foreach(gs, sc):
+def _clipped_foreach(gs, sc, unclipped=None):
     """AdaClip'd gradients ``where(|g| > thr, g f, g)`` (in ``sc.dtype``) with the multiplications as
     ``torch._foreach_*`` ops per (device, dtype) group; the per-element select is one compare + ``where``
-    per tensor. Bitwise the ``c`` of :func:`_clipped_sumsq` / :func:`_adam_update`."""
+    per tensor. Bitwise the ``c`` of :func:`_clipped_sumsq` / :func:`_adam_update`. ``unclipped``: host
+    flags of tensors with max|g| <= thr (CPU, where reading them costs no sync): those are g itself."""
     out = [None] * len(gs)
     for idx in group_indices(gs):
         gf = [gs[j].to(sc.dtype) for j in idx]  # may alias: read only
-        ab = torch._foreach_abs(gf)
-        gm = torch._foreach_mul(gf, _col(sc, 1, idx))
+        todo = [i for i, j in enumerate(idx) if not (unclipped and unclipped[j])]
         for i, j in enumerate(idx):
-            out[j] = torch.where(ab[i] > sc[j, 0], gm[i], gf[i])
+            out[j] = gf[i]
+        if not todo:
+            continue
+        sub = [gf[i] for i in todo]
+        ab = torch._foreach_abs(sub)
+        gm = torch._foreach_mul(sub, _col(sc, 1, [idx[i] for i in todo]))
+        for a, i in enumerate(todo):
+            j = idx[i]
+            out[j] = torch.where(ab[a] > sc[j, 0], gm[a], gf[i])
     return out
 
 
@@ -115,9 +123,15 @@ def _adam_foreach(ps, cs, ms, vs, sc):
         new = torch._foreach_mul(pf, _col(sc, 4, idx))
         torch._foreach_sub_(new, q)
         pin = torch._foreach_mul(pf, _col(sc, 5, idx))
-        a = [act[j] for j in idx]
-        src = ([torch.where(x, y, z) for x, y, z in zip(a, mn, mf)] + [torch.where(x, y, z) for x, y, z in zip(a, vn, vf)]
-               + [torch.where(x, y, z) for x, y, z in zip(a, new, pin)])
+        if sc.device.type == "cpu":  # the flags read without a sync: pick whole tensors (what where() would give)
+            a = act[idx].tolist() if idx else []
+            src = ([y if x else z for x, y, z in zip(a, mn, mf)] + [y if x else z for x, y, z in zip(a, vn, vf)]
+                   + [y if x else z for x, y, z in zip(a, new, pin)])
+        else:
+            a = [act[j] for j in idx]
+            src = ([torch.where(x, y, z) for x, y, z in zip(a, mn, mf)]
+                   + [torch.where(x, y, z) for x, y, z in zip(a, vn, vf)]
+                   + [torch.where(x, y, z) for x, y, z in zip(a, new, pin)])
         torch._foreach_copy_(m_ + v_ + p_, src)
 
 
@@ -236,7 +250,8 @@ def _torch_step(items, rows, max_layout: SlotLayout, sum_layout: SlotLayout, sdt
     f = torch.where(M > 0, m_hat / M, torch.zeros_like(M))
     thr = torch.where(torch.isfinite(m_hat), m_hat, torch.full_like(M, math.inf))
     if foreach:
-        clipped = _clipped_foreach(grads, torch.stack([thr, f], 1).to(sdt))
+        unclipped = (M <= thr).tolist() if M.device.type == "cpu" else None  # CPU: no sync to read
+        clipped = _clipped_foreach(grads, torch.stack([thr, f], 1).to(sdt), unclipped)
         sumsq = _clipped_sumsq_foreach(clipped, sdt).to(sdt)
     else:
         sumsq = K_CLIPPED_SUMSQ(fused_, grads, torch.stack([thr, f], 1).to(sdt)).to(sdt)
