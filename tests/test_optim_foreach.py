@@ -86,6 +86,14 @@ def test_spam_foreach_fp32_bitwise():
         assert torch.equal(p, q)
 
 
+def test_spam_foreach_with_an_empty_parameter_and_bad_entries_is_bitwise():
+    """An empty piece (an FSDP shard can be one) next to tensors with NaN/inf entries: the CPU path's per-tensor
+    all-finite flags skip the empty one and keep the element-wise select for the others."""
+    a, b, ps, qs = _run_pair(SPAM, torch.float32, SPAM_KW, bad_tensor=True, extra=torch.zeros(0))
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+
+
 def test_spam_foreach_clipping_and_reset_covered():
     """Clipping is active after the accumulation steps and the reset fires within the run."""
     torch.manual_seed(0)

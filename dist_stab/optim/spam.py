@@ -88,13 +88,26 @@ def _spam_foreach(ps, gs, ms, vs, rows, sdt) -> None:
         torch._foreach_mul_(new, [cols[6][j] for j in idx])
         # CPU (flags read without a sync): a tensor whose max|g| is finite has no entry to skip, its results
         # are taken whole (what where() gives); the others, and every tensor on other devices, select per entry
-        fin = ([math.isfinite(x) for x in torch.stack(torch._foreach_norm(gf, math.inf)).tolist()]
-               if gf and gf[0].device.type == "cpu" else [False] * len(gf))
+        fin = _all_finite_on_cpu(gf)
         oks = [None if f else torch.isfinite(t) for f, t in zip(fin, gf)]
         src = ([a if ok is None else torch.where(ok, a, b) for ok, a, b in zip(oks, mn, mf)]
                + [a if ok is None else torch.where(ok, a, b) for ok, a, b in zip(oks, vn, vf)]
                + [a if ok is None else torch.where(ok, a, b) for ok, a, b in zip(oks, new, pf)])
         torch._foreach_copy_(m_ + v_ + p_, src)
+
+
+def _all_finite_on_cpu(ts: List[torch.Tensor]) -> List[bool]:
+    """Per tensor: no NaN/inf entry (an empty one has none); all False (unknown) off the CPU, where reading it
+    would sync."""
+    if not ts or ts[0].device.type != "cpu":
+        return [False] * len(ts)
+    fin = [True] * len(ts)
+    nonempty = [i for i, t in enumerate(ts) if t.numel()]  # max|.| has no identity for an empty tensor
+    if nonempty:
+        maxes = torch.stack(torch._foreach_norm([ts[i] for i in nonempty], math.inf)).tolist()
+        for i, x in zip(nonempty, maxes):
+            fin[i] = math.isfinite(x)
+    return fin
 
 
 def spam_step(items: Sequence[OptItem], *, total_step: int, current_step: int, moment_step: int,
