@@ -141,6 +141,23 @@ def _scenario(params, step):
         params[5].grad.data = gs[5].t().clone().t()  # a (3, 4) grad
 
 
+def _step_against_fresh(name, t, ps, qs, step):
+    """One step of the long-lived ``t`` and of a new transform loaded with its state, on equal grads (``qs`` get
+    copies of ``ps``'s): equal outputs, gradients and state. Returns ``t``'s output."""
+    for p, q in zip(ps, qs):
+        q.grad = None if p.grad is None else p.grad.clone()
+    fresh = TRANSFORMS[name](named(qs))
+    fresh.load_state_dict(copy.deepcopy(t.state_dict()))
+    out, want = t.step(), fresh.step()
+    for k in want:
+        assert torch.equal(out[k], want[k]), (name, step, k)
+    for p, q in zip(ps, qs):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), (name, step)
+    for k in t.state:
+        assert torch.equal(t.state[k], fresh.state[k]), (name, step, k)
+    return out
+
+
 def _compare_with_fresh(name, n, steps=7):
     """Each step: the long-lived transform vs a new one loaded with its state, on equal grads; returns
     the number of tensors clipped over all steps."""
@@ -149,17 +166,7 @@ def _compare_with_fresh(name, n, steps=7):
     clipped = 0
     for step in range(steps):
         _scenario(ps, step)
-        for p, q in zip(ps, qs):
-            q.grad = None if p.grad is None else p.grad.clone()
-        fresh = TRANSFORMS[name](named(qs))
-        fresh.load_state_dict(copy.deepcopy(t.state_dict()))
-        out, want = t.step(), fresh.step()
-        for k in want:
-            assert torch.equal(out[k], want[k]), (name, step, k)
-        for p, q in zip(ps, qs):
-            assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), (name, step)
-        for k in t.state:
-            assert torch.equal(t.state[k], fresh.state[k]), (name, step, k)
+        out = _step_against_fresh(name, t, ps, qs, step)
         clipped += int(out["num_clipped"])
     return clipped
 
@@ -352,15 +359,7 @@ def _persistent_check(name, n, monkeypatch):
     monkeypatch.setattr(t, "_read", lambda: (reads.append(t.num_steps), orig())[1])
     for step in range(6):
         _persistent_scenario(ps, step)
-        for p, q in zip(ps, qs):
-            q.grad = p.grad.clone()
-        fresh = TRANSFORMS[name](named(qs))
-        fresh.load_state_dict(copy.deepcopy(t.state_dict()))
-        out, want = t.step(), fresh.step()
-        for k in want:
-            assert torch.equal(out[k], want[k]), (name, step, k)
-        for p, q in zip(ps, qs):
-            assert torch.equal(p.grad, q.grad), (name, step)
+        _step_against_fresh(name, t, ps, qs, step)
     assert reads == [1, 3, 5]  # every param.grad read only where the sentinel saw a change (steps 0, 2, 4)
 
 

@@ -83,6 +83,15 @@ def _barh(ax, items: List[Tuple[str, float]], target: float, title: str, xlabel:
     ax.legend(fontsize=8, loc="lower right")
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def draw(docs: Path) -> List[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -110,10 +119,7 @@ def draw(docs: Path) -> List[Path]:
                 ax.set_title("many small tensors (grads kept across steps)", fontsize=10)
                 ax.legend(fontsize=7)
         fig.suptitle(f"dist_stab clip step, {clip.get('device', '?')} (docs/benchmarks.md section 1)", fontsize=11)
-        fig.tight_layout()
-        written.append(docs / "bench_clip.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, docs / "bench_clip.png"))
     found = optim_series(docs)
     if found:
         device, opt = found
@@ -128,10 +134,7 @@ def draw(docs: Path) -> List[Path]:
         ax.set_ylabel("ms per step")
         ax.set_title(f"optimizer step vs fused AdamW, {device} (section 2)", fontsize=10)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(docs / "bench_optim.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, docs / "bench_optim.png"))
     mem = memory_series(docs)
     if mem:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -145,10 +148,7 @@ def draw(docs: Path) -> List[Path]:
         ax.set_ylabel("GB, bf16 weights + optimizer state")
         ax.set_title("optimizer memory (section 2b; label: SCALE / AdamW)", fontsize=10)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(docs / "bench_memory.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, docs / "bench_memory.png"))
     return written
 
 
