@@ -9,7 +9,7 @@ that one step of each method issues (``torch.distributed`` functions wrapped, pl
 ``CommDebugMode`` for DTensor's implicit ones). For each: collectives per step, bytes, the
 process groups they span and whether one spans the whole world. ``torch clip_grad_norm_`` is
 torch's own global clipping (it raises on models mixing meshes and plain tensors). Counts are
-the same on a GPU with NCCL; the wall times printed by ``--time`` are CPU/gloo times.
+the same on a GPU with NCCL; wall times on GPUs: :mod:`dist_stab.bench.comm_time` (torchrun, NCCL).
 """
 from __future__ import annotations
 
