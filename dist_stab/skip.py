@@ -23,14 +23,16 @@ were. How the optimizer update is dropped (``mode``):
   for optimizers that keep their step counters on the host (``host_step_counters = True``: SCALE,
   StableSPAM, SPAM), whose counters a device-side restore could not roll back.
 
-Every skip is counted (``skipped``) and its step number kept in a device ring of the last
-``log_size`` skips, read by the trainer at log time (DeepSpeed#8415: never skip silently).
+Every skip is counted (``skipped``) and its step number and reason kept in a device ring of the
+last ``log_size`` skips, read by the trainer at log time (DeepSpeed#8415: never skip silently).
+A reason is a bitmask over :data:`REASONS` (bit i set: ``REASONS[i]`` held this step):
+1 ``nonfinite_grad``, 2 ``nonfinite_loss``, 4 ``loss_spike``, 8 ``grad_spike``.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -38,6 +40,14 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
     DTensor = None
+
+
+REASONS = ("nonfinite_grad", "nonfinite_loss", "loss_spike", "grad_spike")
+
+
+def reason_names(mask: int) -> List[str]:
+    """The names of the bits set in a reason bitmask (see :data:`REASONS`)."""
+    return [name for i, name in enumerate(REASONS) if int(mask) >> i & 1]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -57,6 +67,7 @@ class SkipStep:
         self.skipped = torch.zeros((), dtype=torch.int64)
         self.steps = 0  # host-side call counter: the step number written to the log
         self.log = torch.full((self.log_size,), -1, dtype=torch.int64)
+        self.log_reason = torch.zeros((self.log_size,), dtype=torch.int64)
         self._snap: List[torch.Tensor] = []
         self._warned_host_state = False
 
@@ -65,31 +76,51 @@ class SkipStep:
         return self.loss_z is not None or self.grad_z is not None
 
     def decide(self, nonfinite_grads: torch.Tensor, obs: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Device bool: skip this step?"""
-        skip = torch.zeros((), dtype=torch.bool, device=nonfinite_grads.device)
-        if self.nonfinite:
-            skip = skip | nonfinite_grads
-            if "loss_nonfinite" in obs:
-                skip = skip | obs["loss_nonfinite"]
-        if self.loss_z is not None and "loss_z" in obs:
-            skip = skip | (obs["loss_z"] > self.loss_z)
-        if self.grad_z is not None and "grad_norm_z" in obs:
-            skip = skip | (obs["grad_norm_z"] > self.grad_z)
-        return skip
+        """Device bool: skip this step? (The reason bitmask is left in ``obs["skip_reason"]``.)"""
+        reason = self.reason(nonfinite_grads, obs)
+        obs["skip_reason"] = reason
+        return reason > 0
 
-    def record(self, skip: torch.Tensor) -> None:
+    def reason(self, nonfinite_grads: torch.Tensor, obs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Device int64 bitmask over :data:`REASONS` of the tests that fire this step (0: keep the step)."""
+        dev = nonfinite_grads.device
+        tests = []
+        if self.nonfinite:
+            tests.append((0, nonfinite_grads))
+            if "loss_nonfinite" in obs:
+                tests.append((1, obs["loss_nonfinite"]))
+        if self.loss_z is not None and "loss_z" in obs:
+            tests.append((2, obs["loss_z"] > self.loss_z))
+        if self.grad_z is not None and "grad_norm_z" in obs:
+            tests.append((3, obs["grad_norm_z"] > self.grad_z))
+        reason = torch.zeros((), dtype=torch.int64, device=dev)
+        for bit, cond in tests:
+            reason = reason | (cond.to(dev).long() << bit)
+        return reason
+
+    def record(self, skip: torch.Tensor, reason: Optional[torch.Tensor] = None) -> None:
         self.steps += 1
         if self.skipped.device != skip.device:
             self.skipped, self.log = self.skipped.to(skip.device), self.log.to(skip.device)
+            self.log_reason = self.log_reason.to(skip.device)
         slot = (self.skipped % self.log_size).reshape(1)
         old = self.log.index_select(0, slot)
         self.log.index_copy_(0, slot, torch.where(skip, torch.full_like(old, self.steps), old))
+        if reason is not None:
+            old_r = self.log_reason.index_select(0, slot)
+            self.log_reason.index_copy_(0, slot, torch.where(skip, reason.reshape(1).to(old_r.device), old_r))
         self.skipped += skip.long()
 
     def skipped_steps(self) -> List[int]:
         """Step numbers (1-based calls) of the most recent skips. Syncs: call at log time."""
-        log = self.log.cpu()  # host-sync-ok: logging only
-        return sorted(int(s) for s in log.tolist() if s >= 0)  # host-sync-ok: logging only
+        return [s for s, _ in self.skipped_steps_with_reasons()]
+
+    def skipped_steps_with_reasons(self) -> List[Tuple[int, List[str]]]:
+        """``(step, reasons)`` of the most recent skips, oldest first (names from :data:`REASONS`).
+        Syncs: call at log time."""
+        log = self.log.cpu().tolist()  # host-sync-ok: logging only
+        why = self.log_reason.cpu().tolist()  # host-sync-ok: logging only
+        return sorted((int(s), reason_names(r)) for s, r in zip(log, why) if s >= 0)
 
     # ------------------------------------------------------------ optimizer update
     def step_optimizer(self, optimizer: torch.optim.Optimizer, skip: torch.Tensor, **step_kwargs) -> None:
@@ -131,7 +162,10 @@ class SkipStep:
             new.copy_(torch.where(skip.to(new.device), old, new))
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped.clone(), "log": self.log.clone(), "steps": self.steps}
+        return {"skipped": self.skipped.clone(), "log": self.log.clone(), "log_reason": self.log_reason.clone(),
+                "steps": self.steps}
 
     def load_state_dict(self, sd: dict) -> None:
         self.skipped, self.log, self.steps = sd["skipped"].clone(), sd["log"].clone(), int(sd["steps"])
+        reason = sd.get("log_reason")  # absent in checkpoints written before reasons were kept
+        self.log_reason = torch.zeros_like(self.log) if reason is None else reason.clone()

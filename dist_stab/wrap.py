@@ -137,7 +137,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
             for t, snap in zip(self.transforms, snaps):
                 t.restore_where(snap, skip)
             self.skip.step_optimizer(self.optimizer, skip, **kw)
-            self.skip.record(skip)
+            self.skip.record(skip, obs.get("skip_reason"))
             obs["skip"] = skip
             obs["skipped"] = self.skip.skipped
         if self.monitor is not None:

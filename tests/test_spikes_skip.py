@@ -89,6 +89,7 @@ def test_skipped_step_equals_step_never_taken(mode, bad):
         for k in o1.state[p1]:
             assert torch.equal(o1.state[p1][k], o2.state[p2][k]), k
     assert int(o1.skip.skipped) == 1 and o1.skip.skipped_steps() == [5]  # 1-based call number
+    assert o1.skip.skipped_steps_with_reasons() == [(5, ["nonfinite_grad"])]
     assert int(o2.skip.skipped) == 0
 
 
@@ -111,9 +112,10 @@ def test_loss_spike_skip_and_grad_spike_skip():
     spike = lambda s: 1e3 if s == 30 else 1.0  # noqa: E731
     m, o = _train(_adamw_adagc(dict(loss_z=6.0)), 35, loss_mult=spike)
     assert int(o.skip.skipped) == 1 and o.skip.skipped_steps() == [31]
+    assert o.skip.skipped_steps_with_reasons() == [(31, ["loss_spike"])]
     assert all(torch.isfinite(p).all() for p in m.parameters())
     m, o = _train(_adamw_adagc(dict(grad_z=6.0)), 35, inject=(30, 1e6))
-    assert o.skip.skipped_steps() == [31]
+    assert o.skip.skipped_steps_with_reasons() == [(31, ["grad_spike"])]
     m_ref, _ = _train(_adamw_adagc(dict(grad_z=6.0)), 35, drop=(30,))
     for a, b in zip(m.parameters(), m_ref.parameters()):
         assert torch.equal(a, b)
