@@ -202,7 +202,16 @@ class Trainer:
         return SummaryWriter(log_dir=str(self.run_dir / "tb"))
 
     def _skipped(self) -> int:
-        return len(self.ds_skipped_steps) if self.engine is not None else int(self.skip.skipped)
+        """Skips so far, for the log line, TensorBoard and the summary (all at log steps).
+
+        The device count is copied to the host once per log step and reused by every caller until
+        the next step: no read per logged step, none between log steps."""
+        if self.engine is not None:
+            return len(self.ds_skipped_steps)  # a host list DeepSpeed's skips are appended to: no sync
+        seen = getattr(self, "_skipped_seen", None)
+        if seen is None or seen[0] != self.step:
+            seen = self._skipped_seen = (self.step, int(self.skip.skipped))  # host-sync-ok: once per log step
+        return seen[1]
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
