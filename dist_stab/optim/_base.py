@@ -21,8 +21,11 @@ step of a 1B model compiles for 40-110 s.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import warnings
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -39,27 +42,51 @@ except ImportError:  # pragma: no cover - torch without DTensor
 
 
 # ----------------------------------------------------------------------------- validation
+def host_float(name: str, value) -> float:
+    """``float(value)`` for a Python number or a one-element CPU tensor (read without a sync).
+
+    A tensor on another device is refused: every step reads hyperparameters on the host, which
+    would be one device sync per read."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if value.device.type != "cpu":
+            raise ValueError(f"{name} is a tensor on {value.device}: dist_stab optimizers read hyperparameters on "
+                             "the host every step (a device sync each time); pass a float or a CPU tensor")
+        if value.is_complex():
+            raise ValueError(f"{name} must be real, got {value!r}")
+        return float(value.item())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
 def check_lr(name: str, value) -> None:
-    v = float(value)
+    v = host_float(name, value)
     if not math.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be >= 0 and finite, got {value!r}")
 
 
 def check_unit(name: str, value, closed_low: bool = True) -> None:
-    v = float(value)
+    v = host_float(name, value)
     ok = (0.0 <= v < 1.0) if closed_low else (0.0 < v < 1.0)
     if not ok:
         raise ValueError(f"{name} must be in {'[0, 1)' if closed_low else '(0, 1)'}, got {value!r}")
 
 
 def check_nonneg(name: str, value, positive: bool = False) -> None:
-    v = float(value)
+    v = host_float(name, value)
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value!r}")
 
 
 def check_int(name: str, value, minimum: int = 0) -> None:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
+    try:
+        ok = (not isinstance(value, (bool, torch.Tensor)) and int(value) == value and value >= minimum)
+    except (TypeError, ValueError, OverflowError):  # None, strings, nan, inf
+        ok = False
+    if not ok:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -70,6 +97,19 @@ def check_betas(name: str, betas) -> None:
         raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}") from None
     check_unit(f"{name}[0]", b1)
     check_unit(f"{name}[1]", b2)
+
+
+def check_positive(name: str, value) -> None:
+    check_nonneg(name, value, positive=True)
+
+
+def check_optional_int1(name: str, value) -> None:
+    if value is not None:
+        check_int(name, value, 1)
+
+
+def check_count(name: str, value) -> None:
+    check_int(name, value, 0)
 
 
 # ----------------------------------------------------------------------------- items
@@ -181,7 +221,10 @@ def dim_sumsq_vector(x: torch.Tensor, spec: ShardSpec, keep_dim: int, segs: List
 
 # ----------------------------------------------------------------------------- optimizer base
 def _normalize_params(params) -> Tuple[List[dict], Dict[int, str]]:
-    """Module / tensors / (name, tensor) pairs / param-group dicts -> (groups, {id: fqn})."""
+    """Module / tensors / (name, tensor) pairs / param-group dicts -> (groups, {id: fqn}).
+
+    A group whose parameters all have names (pairs, a module, or its own ``param_names``) keeps them as
+    ``param_names``, as ``torch.optim.Optimizer`` does since torch 2.6, so state dicts carry them."""
     names: Dict[int, str] = {}
     if isinstance(params, torch.nn.Module):
         params = list(params.named_parameters())
@@ -192,16 +235,31 @@ def _normalize_params(params) -> Tuple[List[dict], Dict[int, str]]:
         raise ValueError("optimizer got an empty parameter list")
 
     def strip(seq):
-        out = []
+        out, nm = [], []
         for x in seq:
             if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
                 names.setdefault(id(x[1]), x[0])
                 out.append(x[1])
+                nm.append(x[0])
             elif isinstance(x, torch.Tensor):
                 out.append(x)
+                nm.append(None)
             else:
                 raise TypeError(f"cannot interpret {type(x).__name__} as a parameter")
-        return out
+        return out, nm
+
+    def group(g: dict, ps) -> dict:
+        ps, nm = strip(ps)
+        given = g.pop("param_names", None)
+        if given is not None and len(given) == len(ps):
+            nm = [a if a is not None else b for a, b in zip(nm, given)]
+            for p, n in zip(ps, nm):
+                if n is not None:
+                    names.setdefault(id(p), n)
+        g["params"] = ps
+        if ps and all(n is not None for n in nm):
+            g["param_names"] = nm
+        return g
 
     if isinstance(items[0], dict):
         groups = []
@@ -210,31 +268,81 @@ def _normalize_params(params) -> Tuple[List[dict], Dict[int, str]]:
             ps = g["params"]
             ps = list(ps.named_parameters()) if isinstance(ps, torch.nn.Module) else (
                 [ps] if isinstance(ps, torch.Tensor) else list(ps))
-            g["params"] = strip(ps)
-            g.pop("param_names", None)
-            groups.append(g)
+            groups.append(group(g, ps))
     else:
-        groups = [{"params": strip(items)}]
+        groups = [group({}, items)]
     return groups, names
 
 
+#: Instance attributes of ``torch.optim.Optimizer`` that copies do not keep (torch's own ``__getstate__``
+#: keeps only defaults, state and param_groups): hooks may be lambdas or closures over the original.
+_HOOK_ATTRS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+               "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+               "_optimizer_load_state_dict_post_hooks")
+_COPY_MARK = "_dist_stab_getstate"
+
+
 class ShardedOptimizer(torch.optim.Optimizer):
-    """Base: keeps parameter FQNs, caches shard descriptions, and builds :class:`OptItem` lists."""
+    """Base: keeps parameter FQNs, caches shard descriptions, and builds :class:`OptItem` lists.
+
+    What every dist_stab optimizer shares as a ``torch.optim.Optimizer``:
+
+    * **Hyperparameters** (:attr:`_hp_rules`) are checked on the host in every param group at
+      construction, in ``add_param_group``, in ``load_state_dict`` (before anything is replaced) and at
+      the start of every ``step()`` (so a later edit of ``param_groups`` is caught before any parameter
+      is touched): ``ValueError`` naming the group and key. A few float checks per group; a tensor
+      hyperparameter must be a CPU tensor (read without a sync).
+    * **State is lazy** (created at a parameter's first gradient), but ``state_dict()`` always has an
+      entry for every parameter: one that never had a gradient (an MoE expert not yet routed) gets the
+      zeros its first step would create (an empty dict where the optimizer keeps none, e.g. SCALE's
+      matrices). Loading such an entry gives the same steps as having no state, and every checkpoint
+      holds the same keys, so ``torch.distributed.checkpoint`` never misses one.
+    * ``load_state_dict`` runs torch's hooks in torch's order; dist_stab's own fix-ups (per-tensor
+      statistics kept in fp32/fp64, step counters on the parameter's device) are done before the user's
+      post-hooks; non-dict values in ``state`` (as torch allows) are carried as they are.
+    * **Copies** (``copy.deepcopy``, pickle, ``torch.save``) keep everything but caches and hooks
+      (torch's copies drop hooks too); caches are rebuilt at the next step, so a copy steps bit-identically.
+    * **Complex parameters** raise ``TypeError`` naming the parameter (at construction, in
+      ``add_param_group``, and at a step that meets one).
+    """
 
     tag = "optim"
     host_step_counters = True  # step counts are host ints in param_groups: SkipStep decides on the host
+    #: ``{group key: check(name, value)}``: validated in every param group (see the class docstring).
+    _hp_rules: Dict[str, Callable] = {}
+    #: Per-parameter state keys kept as fp32 (fp64 for fp64 parameters) 0-d tensors on the parameter's local
+    #: device when loaded (torch would cast them to the parameter dtype).
+    _fp32_state_keys: Tuple[str, ...] = ()
+    #: Attributes keyed by ``id(param)``: copies re-key them by position.
+    _by_param_attrs: Tuple[str, ...] = ("_names",)
 
     def __init__(self, params, defaults: dict, fused: Optional[bool] = None):
         groups, names = _normalize_params(params)
         self._names = names
         self.fused = fused
-        self._shards: Dict[int, Optional[ShardedParam]] = {}
-        self._layouts: Dict[tuple, object] = {}
+        self._reset_caches()
         super().__init__(groups, defaults)
-        self._pos_names = {}
+        self._pos_names = self._positional_names()
+        self._check_groups()
+
+    # ------------------------------------------------------------------ names, caches
+    def _flat_params(self) -> List[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _positional_names(self) -> Dict[int, str]:
+        out: Dict[int, str] = {}
         for gi, g in enumerate(self.param_groups):
             for pi, p in enumerate(g["params"]):
-                self._pos_names.setdefault(id(p), f"group{gi}.param{pi}")
+                out.setdefault(id(p), f"group{gi}.param{pi}")
+        return out
+
+    def _param_name(self, p: torch.Tensor, where: str = "") -> str:
+        return self._names.get(id(p)) or getattr(self, "_pos_names", {}).get(id(p)) or where or "a parameter"
+
+    def _reset_caches(self) -> None:
+        """Forget everything derived from the parameters' identities, storage or group dicts (rebuilt lazily)."""
+        self._shards: Dict[int, Optional[ShardedParam]] = {}
+        self._layouts: Dict[tuple, object] = {}
 
     def _shard(self, p: torch.Tensor) -> Optional[ShardedParam]:
         key = id(p)
@@ -244,6 +352,43 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._shards[key] = found[0] if found else None
         return self._shards[key]
 
+    # ------------------------------------------------------------------ validation
+    def _check_group(self, gi: int, g: dict) -> None:
+        for key, rule in self._hp_rules.items():
+            if key in g:
+                rule(f"{self.tag}: param_groups[{gi}][{key!r}]", g[key])
+            elif key in self.defaults:
+                raise ValueError(f"{self.tag}: param_groups[{gi}] has no {key!r}")
+
+    def _check_groups(self, groups: Optional[Sequence[dict]] = None) -> None:
+        """Validate every group's hyperparameters on the host (``ValueError`` naming the group and key)."""
+        for gi, g in enumerate(self.param_groups if groups is None else groups):
+            self._check_group(gi, g)
+
+    def _check_complex(self, gi: int, g: dict) -> None:
+        for pi, p in enumerate(g["params"]):
+            if p.is_complex():
+                raise TypeError(f"{self.tag} does not take complex parameters: "
+                                f"{self._param_name(p, f'param_groups[{gi}][params][{pi}]')} is {p.dtype} "
+                                "(optimize torch.view_as_real(p) instead, if treating real and imaginary parts "
+                                "as separate entries is what you want)")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        g = self.param_groups[gi]
+        try:
+            self._check_group(gi, g)
+            self._check_complex(gi, g)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        for p, n in zip(g["params"], g.get("param_names") or ()):
+            self._names.setdefault(id(p), n)
+        if hasattr(self, "_pos_names"):
+            self._pos_names = self._positional_names()
+
+    # ------------------------------------------------------------------ steps
     def _collect(self, positions: Optional[List[int]] = None) -> List[Tuple[dict, torch.Tensor, ShardedParam, torch.Tensor]]:
         """(group, param, shard, local grad) for every parameter with a gradient, in group order;
         ``positions`` (if given) receives each one's index among all parameters of all groups."""
@@ -254,6 +399,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 pos += 1
                 if p.grad is None:
                     continue
+                if p.is_complex():
+                    raise TypeError(f"{self.tag} does not take complex parameters: {self._param_name(p)} is "
+                                    f"{p.dtype}")
                 sp = self._shard(p)
                 if sp is None:
                     continue
@@ -270,15 +418,159 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _fused(self, device) -> bool:
         return resolve_fused(self.fused, device)
 
-    _fp32_state_keys: Tuple[str, ...] = ()
+    def _initial_state(self, p: torch.Tensor) -> dict:
+        """The state the first step with a gradient creates for ``p`` (zeros; {} where the optimizer keeps none)."""
+        return {}
 
+    def _scalar_dtype(self, p: torch.Tensor, key: str) -> torch.dtype:
+        """dtype of a loaded :attr:`_fp32_state_keys` entry."""
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    # ------------------------------------------------------------------ state dicts
+    @torch._disable_dynamo
+    def state_dict(self) -> dict:
+        """torch's format (``state`` by position, ``param_groups`` with ``param_names`` where known), with an
+        entry for every parameter that has or would have state (see the class docstring). Hooks as in torch."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        mapping: Dict[int, int] = {}
+        groups = []
+        start = 0
+        for g in self.param_groups:
+            packed = {k: v for k, v in g.items() if k != "params"}
+            mapping.update({id(p): i for i, p in enumerate(g["params"], start) if id(p) not in mapping})
+            packed["params"] = [mapping[id(p)] for p in g["params"]]
+            start += len(packed["params"])
+            groups.append(packed)
+        packed_state: Dict = {}
+        for k, v in self.state.items():
+            if isinstance(k, torch.Tensor):
+                if id(k) in mapping:  # state of a tensor no longer in param_groups cannot be loaded anywhere
+                    packed_state[mapping[id(k)]] = v
+            else:
+                packed_state[k] = v
+        for g in self.param_groups:
+            for p in g["params"]:
+                i = mapping[id(p)]
+                cur = packed_state.get(i)
+                if cur is None or (isinstance(cur, dict) and not cur):
+                    packed_state[i] = self._initial_state(p)
+        state_dict = {"state": packed_state, "param_groups": groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            out = post_hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        return state_dict
+
+    def _load_value(self, p: torch.Tensor, key, value):
+        """A loaded per-parameter state value for ``p`` (torch's casting rules, except :attr:`_fp32_state_keys`)."""
+        if key in self._fp32_state_keys:
+            return torch.as_tensor(value).to(device=local_tensor(p).device, dtype=self._scalar_dtype(p, key))
+        if isinstance(value, torch.Tensor):
+            if key == "step":  # torch keeps step counters as they are
+                return value
+            if p.is_floating_point():
+                return value.to(dtype=p.dtype, device=p.device)
+            return value.to(device=p.device)
+        if isinstance(value, dict):
+            return {k: self._load_value(p, k, v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._load_value(p, None, v) for v in value)
+        return value
+
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter dtype; per-tensor statistics stay fp32.
-        for st in self.state.values():
-            for k in self._fp32_state_keys:
-                if k in st and torch.is_tensor(st[k]) and st[k].dtype != torch.float64:
-                    st[k] = st[k].float()
+        """torch's ``load_state_dict`` (same hooks, same checks, same casting), plus: hyperparameters of the
+        loaded groups are validated, keys missing from an older state dict keep the current group's values,
+        dist_stab's fix-ups run before the post-hooks, and nothing changes if anything fails."""
+        state_dict = state_dict.copy()  # shallow, as torch does
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = pre_hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        groups = self.param_groups
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        for g, sg in zip(groups, saved_groups):  # an older state dict: keys it lacks keep their current values
+            for k, v in g.items():
+                if k not in ("params", "param_names") and k not in sg:
+                    sg[k] = copy.deepcopy(v)
+        self._check_groups(saved_groups)
+        id_map = dict(zip(itertools.chain.from_iterable(g["params"] for g in saved_groups),
+                          itertools.chain.from_iterable(g["params"] for g in groups)))
+        state: defaultdict = defaultdict(dict)
+        for k, v in state_dict["state"].items():
+            if k in id_map:
+                p = id_map[k]
+                state[p] = self._load_value(p, None, v) if isinstance(v, dict) else v
+            else:
+                state[k] = v
+        new_groups = []
+        for g, sg in zip(groups, saved_groups):
+            sg["params"] = g["params"]
+            if "param_names" in g and "param_names" not in sg:
+                sg["param_names"] = g["param_names"]
+            new_groups.append(sg)
+        self.state = state
+        self.param_groups = new_groups
+        self._after_load()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _after_load(self) -> None:
+        """Subclass fix-ups after a load (before the user's post-hooks). The caches keyed by parameter identity and
+        checked against data pointers (shards, layouts, kernel plans) stay valid."""
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for k in _HOOK_ATTRS:
+            state.pop(k, None)
+        for k in list(state):  # instance overrides of methods (an LR scheduler's step wrapper holds the original)
+            if callable(getattr(type(self), k, None)) and not k.startswith("__"):
+                state.pop(k)
+        params = self._flat_params()
+        for k in self._by_param_attrs:
+            d = state.pop(k, {})
+            state[k] = [d.get(id(p)) for p in params]
+        state.pop("_pos_names", None)
+        probe = type(self).__new__(type(self))
+        probe.__dict__.clear()
+        probe._reset_caches()
+        for k in probe.__dict__:
+            state.pop(k, None)
+        state[_COPY_MARK] = 1
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if _COPY_MARK not in state:  # torch's own partial __setstate__ ({"state", "param_groups"}) or an old pickle
+            self.__dict__.update(state)
+            for k in _HOOK_ATTRS:
+                if k not in self.__dict__:
+                    setattr(self, k, OrderedDict())
+            self._patch_step_function()
+            self._reset_caches()
+            return
+        state = dict(state)
+        state.pop(_COPY_MARK)
+        by_pos = {k: state.pop(k) for k in self._by_param_attrs if k in state}
+        self.__dict__.update(state)
+        for k in _HOOK_ATTRS:
+            setattr(self, k, OrderedDict())
+        self._patch_step_function()
+        params = self._flat_params()
+        for k, vals in by_pos.items():
+            d = {}
+            for p, v in zip(params, vals):
+                if v is not None:
+                    d.setdefault(id(p), v)
+            setattr(self, k, d)
+        self._pos_names = self._positional_names()
+        self._reset_caches()
 
 
 def maxabs_vector(grads: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

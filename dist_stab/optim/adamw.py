@@ -38,8 +38,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..kernels import _int64_on, use_triton
-from ._base import (OptItem, ShardedOptimizer, acc_dtype, check_betas, check_lr, check_nonneg, group_indices,
-                    local_tensor, pack_scalars)
+from ._base import (OptItem, ShardedOptimizer, acc_dtype, check_betas, check_lr, check_nonneg, check_positive,
+                    group_indices, local_tensor, pack_scalars)
 
 
 class AdamW(ShardedOptimizer):
@@ -50,6 +50,8 @@ class AdamW(ShardedOptimizer):
     supports_grad_factors = True
     supports_step_factor = True
     host_step_counters = False
+    _hp_rules = {"lr": check_lr, "betas": check_betas, "eps": check_positive, "weight_decay": check_nonneg}
+    _fp32_state_keys = ("step",)  # fp32 0-d tensors on the parameter's device, as torch's fused AdamW keeps them
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  *, fused: Optional[bool] = None):
@@ -58,7 +60,18 @@ class AdamW(ShardedOptimizer):
         check_nonneg("eps", eps, positive=True)
         check_nonneg("weight_decay", weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), fused=fused)
+
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
         self._plans: dict = {}
+
+    def _initial_state(self, p: torch.Tensor) -> dict:
+        return {"step": torch.zeros((), dtype=torch.float32, device=local_tensor(p).device),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def _scalar_dtype(self, p: torch.Tensor, key: str) -> torch.dtype:
+        return torch.float32
 
     def num_params(self) -> int:
         """Length of the ``grad_factors`` vector: every parameter of every group, in group order."""
@@ -67,6 +80,7 @@ class AdamW(ShardedOptimizer):
     @torch.no_grad()
     def step(self, closure=None, *, grad_factors: Optional[torch.Tensor] = None,
              step_factor: Optional[torch.Tensor] = None):
+        self._check_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -79,14 +93,10 @@ class AdamW(ShardedOptimizer):
         positions: List[int] = []
         items: List[OptItem] = []
         for group, p, sp, g in self._collect(positions):
-            if p.is_complex():
-                raise TypeError(f"dist_stab AdamW does not take complex parameters ({sp.fqn}); use torch.optim.AdamW")
             st = self.state[p]
-            local = sp.local_param()
             if "exp_avg" not in st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st.update(self._initial_state(p))
+            local = sp.local_param()
             items.append(OptItem(sp.spec, local, g, {"exp_avg": local_tensor(st["exp_avg"]),
                                                      "exp_avg_sq": local_tensor(st["exp_avg_sq"]),
                                                      "step": st["step"]}, group))
@@ -115,12 +125,6 @@ class AdamW(ShardedOptimizer):
         torch._foreach_add_([it.state["step"] for it in items], 1.0)
         self._foreach_step(items, factors)
         return loss
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        for p, st in self.state.items():  # step counts: fp32 on the parameter's (local) device
-            if "step" in st:
-                st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(local_tensor(p).device)
 
     # ----------------------------------------------------------------- Triton
     def _triton_plan(self, items: List[OptItem], gidx: List[int], device):

@@ -11,8 +11,8 @@ import torch
 
 from ..kernels import use_triton
 from ..reducer import SlotLayout, num_collectives
-from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_lr, check_nonneg, check_unit,
-                    local_tensor, pack_scalars, segments, seg_view)
+from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_lr, check_nonneg, check_positive,
+                    check_unit, local_tensor, pack_scalars, segments, seg_view)
 
 MATRIX, EMBEDDING, LAST, ADAM = "matrix", "embedding", "last", "adam"
 _KEEP = {MATRIX: 0, LAST: 0, EMBEDDING: 1}
@@ -408,6 +408,11 @@ def find_last_layer(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     return max(cands, key=lambda m: m.weight.numel())
 
 
+def _no_adam_lr(name: str, value) -> None:
+    raise ValueError(f"{name}: SCALE keeps the 1-D learning rate as adam_lr_ratio = adam_lr / lr (so an LR scheduler "
+                     "scales both); set 'adam_lr_ratio' in a group that already exists")
+
+
 class SCALE(ShardedOptimizer):
     r"""SCALE: Stochastic Column-normalized Last-layer Momentum (arXiv 2506.16659).
 
@@ -473,6 +478,9 @@ class SCALE(ShardedOptimizer):
 
     tag = "SCALE"
     _fp32_state_keys = ()
+    _by_param_attrs = ("_names", "_kinds")
+    _hp_rules = {"lr": check_lr, "beta": check_unit, "weight_decay": check_nonneg, "adam_lr_ratio": check_nonneg,
+                 "adam_betas": check_betas, "eps": check_positive, "adam_lr": _no_adam_lr}
 
     def __init__(self, params_or_model, lr: float = 1e-3, beta: float = 0.9, weight_decay: float = 0.0,
                  adam_lr: Optional[float] = None, adam_betas=(0.9, 0.999), eps: float = 1e-8,
@@ -494,16 +502,8 @@ class SCALE(ShardedOptimizer):
         defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay, adam_lr_ratio=ratio,
                         adam_betas=tuple(adam_betas), eps=eps)
         self.validate = validate
+        self._kinds: Dict[int, str] = {}
         super().__init__(params_or_model, defaults, fused=fused)
-        for g in self.param_groups:  # a group's own adam_lr becomes its own ratio
-            if "adam_lr" in g:
-                check_lr("adam_lr", g["adam_lr"])
-                g["adam_lr_ratio"] = float(g.pop("adam_lr")) / float(g["lr"]) if float(g["lr"]) > 0 else 0.0
-            check_lr("lr", g["lr"])
-            check_unit("beta", g["beta"])
-            check_nonneg("weight_decay", g["weight_decay"])
-            check_betas("adam_betas", g["adam_betas"])
-            check_nonneg("eps", g["eps"], positive=True)
         self._kinds = self._classify(model, last_layer, embeddings, tied_embeddings)
         self.cache_builds = 0  # how often step() built its items and plan
 
@@ -572,15 +572,29 @@ class SCALE(ShardedOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         if "adam_lr" in param_group:
-            param_group = dict(param_group)
-            lr = float(param_group.get("lr", self.defaults["lr"]))
+            lr = param_group.get("lr", self.defaults["lr"])
+            check_lr("adam_lr", param_group["adam_lr"])
+            check_lr("lr", lr)
+            lr = float(lr)
             param_group["adam_lr_ratio"] = float(param_group.pop("adam_lr")) / lr if lr > 0 else 0.0
         super().add_param_group(param_group)
         self._cache = None
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
         self._cache = None
+
+    def _after_load(self) -> None:
+        self._cache = None  # its plan holds the replaced group dicts
+
+    def _initial_state(self, p: torch.Tensor) -> dict:
+        kind = self.kind_of(p)
+        if kind == LAST:
+            return {"momentum": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        if kind == ADAM:
+            return {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format), "step": 0}
+        return {}
 
     # ------------------------------------------------------------------ step
     def _plan(self, raw: list):
@@ -589,13 +603,9 @@ class SCALE(ShardedOptimizer):
         owners, shards = [], []
         for group, p, sp, g in self._collect():
             kind = self.kind_of(p)
-            st = self.state[p]
-            if kind == LAST and "momentum" not in st:
-                st["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if kind == ADAM and "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["step"] = 0
+            st = self.state[p]  # matrices and embeddings: an empty entry (DCP's loader wants one per parameter)
+            if kind in (LAST, ADAM) and ("momentum" if kind == LAST else "exp_avg") not in st:
+                st.update(self._initial_state(p))
             local = {k: (local_tensor(v) if torch.is_tensor(v) else v) for k, v in st.items()}
             items.append(OptItem(sp.spec, sp.local_param(), g, local, group, kind))
             owners.append(p)
@@ -615,6 +625,7 @@ class SCALE(ShardedOptimizer):
         """One step. The items and their :class:`ScalePlan` are kept while every parameter holds the
         gradient object it held last step (and plain parameters their storage); a changed gradient,
         ``load_state_dict`` or ``add_param_group`` builds them again."""
+        self._check_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -634,6 +645,7 @@ class SCALE(ShardedOptimizer):
 
 
 _GRAD = operator.attrgetter("grad")
+
 
 
 def _LOCAL_GRAD(p):

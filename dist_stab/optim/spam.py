@@ -6,8 +6,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_int, check_lr, check_nonneg,
-                    group_indices, local_tensor, pack_scalars, resolve_foreach)
+from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_count, check_int, check_lr, check_nonneg,
+                    check_positive, group_indices, local_tensor, pack_scalars, resolve_foreach)
 
 
 def warmup_scale(current_step: int, warmup_steps: int) -> float:
@@ -110,12 +110,13 @@ def _all_finite_on_cpu(ts: List[torch.Tensor]) -> List[bool]:
     return fin
 
 
-def spam_step(items: Sequence[OptItem], *, total_step: int, current_step: int, moment_step: int,
+def spam_step(items: Sequence[OptItem], *, total_step: int, current_step: Optional[int], moment_step: int,
               fused: bool = False, foreach: Optional[bool] = None) -> None:
     """One SPAM step on local pieces (element-wise: no collective).
 
     ``total_step`` = steps done before this one (the reset/clip schedule uses ``cs = total_step + 1``),
-    ``current_step`` = steps since the last warm-up restart, ``moment_step`` = k (never reset).
+    ``current_step`` = steps since the last warm-up restart (None: each item's group's
+    ``hp["current_step"]``, for groups with their own ``reset_interval``), ``moment_step`` = k (never reset).
     ``item.state``: ``exp_avg``, ``exp_avg_sq``; ``item.hp``: ``lr``, ``betas``, ``eps``,
     ``weight_decay``, ``threshold``, ``reset_interval``, ``warmup_steps``, ``grad_accu_steps``.
     ``foreach``: when not ``fused``, the update as ``torch._foreach_*`` ops (None: yes; False: the
@@ -136,7 +137,8 @@ def spam_step(items: Sequence[OptItem], *, total_step: int, current_step: int, m
         clip = th != 0 and cs >= G and (dT == 0 or cs % dT >= G)
         b1, b2 = (float(b) for b in hp["betas"])
         lr, wd = float(hp["lr"]), float(hp["weight_decay"])
-        scale = warmup_scale(current_step, int(hp["warmup_steps"]))
+        scale = warmup_scale(int(hp["current_step"]) if current_step is None else current_step,
+                             int(hp["warmup_steps"]))
         step_size = lr * scale * math.sqrt(1.0 - b2 ** k) / (1.0 - b1 ** k)
         rows.append((1.0 - b1, b2, 1.0 if clip else 0.0, th, step_size, float(hp["eps"]), 1.0 - lr * wd))
     if to_zero:
@@ -168,7 +170,8 @@ class SPAM(ShardedOptimizer):
 
     Args (defaults: the authors' constructor, TianjinYellow/SPAM-Optimizer ``SPAM.py``):
         lr: 1e-3.  betas: (0.9, 0.999).  threshold: 5000 (0 disables clipping).
-        reset_interval: 500 (``DeltaT``; 0 disables resets).  warmup_steps: 150 (paper; the
+        reset_interval: 500 (``DeltaT``; 0 disables resets); a param group may set its own (its moments reset
+        and its warm-up restarts on its own schedule).  warmup_steps: 150 (paper; the
         released launcher passes the LR warm-up, 1000; pytorch-optimizer's default is 50).
         grad_accu_steps: 20.  eps: 1e-6.  weight_decay: 0.
         fused: compile the element-wise kernel (None: on CUDA when Triton is available).
@@ -187,6 +190,10 @@ class SPAM(ShardedOptimizer):
     """
 
     tag = "SPAM"
+    _hp_rules = {"lr": check_lr, "betas": check_betas, "threshold": check_nonneg, "reset_interval": check_count,
+                 "warmup_steps": check_count, "grad_accu_steps": check_count, "eps": check_positive,
+                 "weight_decay": check_nonneg, "total_step": check_count, "current_step": check_count,
+                 "step": check_count}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), threshold: float = 5000,
                  reset_interval: int = 500, warmup_steps: int = 150, grad_accu_steps: int = 20,
@@ -203,38 +210,42 @@ class SPAM(ShardedOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), threshold=threshold, reset_interval=reset_interval,
                         warmup_steps=warmup_steps, grad_accu_steps=grad_accu_steps, eps=eps,
                         weight_decay=weight_decay)
-        super().__init__(params, defaults, fused=fused)
         self.foreach = foreach
-        for g in self.param_groups:
-            self._init_counters(g)
-
-    def _init_counters(self, g: dict) -> None:
-        g.setdefault("total_step", 0)
-        g.setdefault("current_step", int(g["warmup_steps"]) + 1)
-        g.setdefault("step", 0)
+        super().__init__(params, defaults, fused=fused)
 
     def add_param_group(self, param_group: dict) -> None:
+        """A group added after steps were taken joins the global counters (and the first group's warm-up phase);
+        before that, its warm-up counter starts past its own ``warmup_steps``."""
+        first = self.param_groups[0] if self.param_groups else {}
+        param_group.setdefault("total_step", first.get("total_step", 0))
+        param_group.setdefault("step", first.get("step", 0))
+        if param_group["total_step"] and "current_step" in first:
+            param_group.setdefault("current_step", first["current_step"])
+        try:
+            param_group.setdefault("current_step",
+                                   int(param_group.get("warmup_steps", self.defaults["warmup_steps"])) + 1)
+        except (TypeError, ValueError):
+            pass  # a bad warmup_steps: the validation in add_param_group names it
         super().add_param_group(param_group)
-        first = self.param_groups[0]
-        for key in ("total_step", "current_step", "step"):
-            if key in first:
-                self.param_groups[-1].setdefault(key, first[key])
-        self._init_counters(self.param_groups[-1])
+
+    def _initial_state(self, p: torch.Tensor) -> dict:
+        return {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         g0 = self.param_groups[0]
-        total, current, k = int(g0["total_step"]), int(g0["current_step"]), int(g0["step"]) + 1
+        total, k = int(g0["total_step"]), int(g0["step"]) + 1
         items: List[OptItem] = []
         for group, p, sp, g in self._collect():
             st = self.state[p]
             if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st.update(self._initial_state(p))
             local = {k_: local_tensor(v) for k_, v in st.items()}
             items.append(OptItem(sp.spec, sp.local_param(), g, local, group))
         # moments of parameters without a gradient are reset on schedule too
@@ -243,17 +254,17 @@ class SPAM(ShardedOptimizer):
         for group in self.param_groups:
             dT = int(group["reset_interval"])
             if dT > 0 and cs % dT == 0:
-                rest = [local_tensor(self.state[p][n]) for p in group["params"] if "exp_avg" in self.state[p]
-                        and id(local_tensor(self.state[p]["exp_avg"])) not in with_grad for n in ("exp_avg", "exp_avg_sq")]
+                rest = [local_tensor(st[n]) for p in group["params"] for st in (self.state.get(p),)
+                        if isinstance(st, dict) and "exp_avg" in st
+                        and id(local_tensor(st["exp_avg"])) not in with_grad for n in ("exp_avg", "exp_avg_sq")]
                 if rest:
                     torch._foreach_zero_(rest)
         if items:
-            spam_step(items, total_step=total, current_step=current, moment_step=k,
+            spam_step(items, total_step=total, current_step=None, moment_step=k,
                       fused=self._fused(items[0].param.device), foreach=self.foreach)
         total += 1
-        current += 1
-        for group in self.param_groups:
+        for group in self.param_groups:  # each group's warm-up restarts on its own reset schedule
             dT = int(group["reset_interval"])
-            new_current = 0 if dT > 0 and (total + 1) % dT == 0 else current
+            new_current = 0 if dT > 0 and (total + 1) % dT == 0 else int(group["current_step"]) + 1
             group["total_step"], group["current_step"], group["step"] = total, new_current, k
         return loss

@@ -8,8 +8,9 @@ import torch
 
 from ..kernels import use_triton
 from ..reducer import SlotLayout
-from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_int, check_lr, check_nonneg,
-                    check_unit, group_indices, local_tensor, maxabs_vector, pack_scalars, resolve_foreach)
+from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_count, check_int, check_lr, check_nonneg,
+                    check_optional_int1, check_positive, check_unit, group_indices, local_tensor, maxabs_vector,
+                    pack_scalars, resolve_foreach)
 
 
 def cosine_factor(step: int, total_steps: Optional[int], eta_min: float) -> float:
@@ -135,13 +136,14 @@ def _adam_foreach(ps, cs, ms, vs, sc):
         torch._foreach_copy_(m_ + v_ + p_, src)
 
 
-def stable_spam_step(items: Sequence[OptItem], *, step: int, moment_step: int, reset: bool,
+def stable_spam_step(items: Sequence[OptItem], *, step: int, moment_step: Optional[int], reset: bool,
                      layouts: Optional[Dict] = None, fused: bool = False, validate: bool = True,
                      tag: str = "StableSPAM", foreach: Optional[bool] = None) -> torch.Tensor:
     """One Stable-SPAM step over local pieces; updates params and state in place.
 
     ``step`` = global step t (>= 1, bias corrections of the max/norm EMAs and the cosine
-    factor); ``moment_step`` = Adam's k (1 right after a reset); ``reset``: zero the moments
+    factor); ``moment_step`` = Adam's k (1 right after a reset), or None: each item's group's
+    ``hp["moment_step"]`` (groups with their own ``reset_interval``); ``reset``: zero the moments
     before this step's update. ``item.state``: ``exp_avg``, ``exp_avg_sq`` (local pieces) and
     ``m_max``, ``m_norm``, ``v_norm`` (0-d fp32, identical on all ranks). ``item.hp``: ``lr``,
     ``betas``, ``gamma1``, ``gamma2``, ``theta``, ``eps``, ``weight_decay``, ``total_steps``,
@@ -160,7 +162,7 @@ def stable_spam_step(items: Sequence[OptItem], *, step: int, moment_step: int, r
         return torch.zeros(0)
     device = items[0].param.device
     sdt = torch.float64 if any(it.param.dtype == torch.float64 for it in items) else torch.float32
-    t, k = int(step), int(moment_step)
+    t, k = int(step), (None if moment_step is None else int(moment_step))
     key = tuple(it.spec.fqn for it in items)
     cache = layouts if layouts is not None else {}
     lay = cache.get(key)
@@ -173,7 +175,7 @@ def stable_spam_step(items: Sequence[OptItem], *, step: int, moment_step: int, r
     if reset:
         torch._foreach_zero_([it.state["exp_avg"] for it in items] + [it.state["exp_avg_sq"] for it in items])
     hps, gidx = _hp_groups(items)
-    consts = [_group_constants(hp, t, k) for hp in hps]
+    consts = [_group_constants(hp, t, int(hp["moment_step"]) if k is None else k) for hp in hps]
     if fused and sdt == torch.float32 and use_triton(items[0].grad):
         plan = _triton_plan(items, gidx, cache, key, device)
         if plan is not None:
@@ -304,7 +306,8 @@ class StableSPAM(ShardedOptimizer):
     Args (defaults: the authors' constructor, TianjinYellow/StableSPAM ``stablespam.py``):
         lr: 1e-3.  betas: (0.9, 0.999).  gamma1: 0.7 (their BF16 scripts: 0.85).
         gamma2: 0.9 (BF16 scripts: 0.99999).  theta: 0.999 (``gamma3``).
-        reset_interval: 1000 (``update_proj_gap``); 0 disables MoRet.
+        reset_interval: 1000 (``update_proj_gap``); 0 disables MoRet. A param group may set its own: its
+            moments reset (and its k restarts) on its own schedule; t stays global.
         total_steps: None (``total_T``): no cosine decay; else s goes 1 -> eta_min.
         eta_min: 0.5.  eps: 1e-8 (shared by AdaGN and Adam).  weight_decay: 0.
         fused: the step as Triton multi-tensor kernels on CUDA (torch.compile'd element-wise kernels where
@@ -336,6 +339,9 @@ class StableSPAM(ShardedOptimizer):
 
     tag = "StableSPAM"
     _fp32_state_keys = ("m_max", "m_norm", "v_norm")
+    _hp_rules = {"lr": check_lr, "betas": check_betas, "gamma1": check_unit, "gamma2": check_unit, "theta": check_unit,
+                 "reset_interval": check_count, "total_steps": check_optional_int1, "eta_min": check_unit,
+                 "eps": check_positive, "weight_decay": check_nonneg, "step": check_count, "moment_step": check_count}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), gamma1: float = 0.7, gamma2: float = 0.9,
                  theta: float = 0.999, reset_interval: int = 1000, total_steps: Optional[int] = None,
@@ -352,52 +358,70 @@ class StableSPAM(ShardedOptimizer):
         check_unit("eta_min", eta_min)
         check_nonneg("eps", eps, positive=True)
         check_nonneg("weight_decay", weight_decay)
-        self.reset_interval = int(reset_interval)
         self.validate = validate
         self.foreach = foreach
         defaults = dict(lr=lr, betas=tuple(betas), gamma1=gamma1, gamma2=gamma2, theta=theta,
-                        total_steps=total_steps, eta_min=eta_min, eps=eps, weight_decay=weight_decay)
+                        reset_interval=int(reset_interval), total_steps=total_steps, eta_min=eta_min, eps=eps,
+                        weight_decay=weight_decay)
         super().__init__(params, defaults, fused=fused)
+
+    @property
+    def reset_interval(self) -> int:
+        """The default MoRet interval (a param group's own ``reset_interval`` overrides it for that group)."""
+        return int(self.defaults["reset_interval"])
+
+    @reset_interval.setter
+    def reset_interval(self, value: int) -> None:
+        check_int("reset_interval", value, 0)
+        self.defaults["reset_interval"] = int(value)
         for g in self.param_groups:
-            g.setdefault("step", 0)
-            g.setdefault("moment_step", 0)
+            g["reset_interval"] = int(value)
 
     def add_param_group(self, param_group: dict) -> None:
+        first = self.param_groups[0] if self.param_groups else {}
+        param_group.setdefault("step", first.get("step", 0))
+        param_group.setdefault("moment_step", first.get("moment_step", 0))
         super().add_param_group(param_group)
-        first = self.param_groups[0]
-        self.param_groups[-1].setdefault("step", first.get("step", 0))
-        self.param_groups[-1].setdefault("moment_step", first.get("moment_step", 0))
+
+    def _initial_state(self, p: torch.Tensor) -> dict:
+        sdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+        dev = local_tensor(p).device
+        st = {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+              "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        for name in ("m_max", "m_norm", "v_norm"):
+            st[name] = torch.zeros((), dtype=sdt, device=dev)
+        return st
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         t = int(self.param_groups[0]["step"]) + 1
-        reset = self.reset_interval > 0 and t % self.reset_interval == 0
-        k = 1 if reset else int(self.param_groups[0]["moment_step"]) + 1
+        resets = []  # groups whose MoRet falls on this step (each group may have its own reset_interval)
         for g in self.param_groups:
-            g["step"], g["moment_step"] = t, k
+            dT = int(g["reset_interval"])
+            reset = dT > 0 and t % dT == 0
+            g["step"], g["moment_step"] = t, (1 if reset else int(g["moment_step"]) + 1)
+            if reset:
+                resets.append(g)
         items: List[OptItem] = []
         for group, p, sp, g in self._collect():
             st = self.state[p]
             if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                sdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-                for name in ("m_max", "m_norm", "v_norm"):
-                    st[name] = torch.zeros((), dtype=sdt, device=g.device)
+                st.update(self._initial_state(p))
             local = {k_: local_tensor(v) for k_, v in st.items()} if sp.kind == "dtensor" else st
             items.append(OptItem(sp.spec, sp.local_param(), g, local, group))
-        if reset:  # moments of parameters without a gradient this step are reset too
-            with_grad = {id(local_tensor(it.state["exp_avg"])) for it in items}
-            rest = [local_tensor(s[n]) for s in self.state.values() for n in ("exp_avg", "exp_avg_sq")
-                    if "exp_avg" in s and id(local_tensor(s["exp_avg"])) not in with_grad]
-            if rest:
-                torch._foreach_zero_(rest)
+        # MoRet: the moments of every parameter of a resetting group, with a gradient this step or not
+        zero = [local_tensor(st[n]) for g in resets for p in g["params"]
+                for st in (self.state.get(p),) if isinstance(st, dict) and "exp_avg" in st
+                for n in ("exp_avg", "exp_avg_sq")]
+        if zero:
+            torch._foreach_zero_(zero)
         if items:
-            self.last_active = stable_spam_step(items, step=t, moment_step=k, reset=reset, layouts=self._layouts,
+            self.last_active = stable_spam_step(items, step=t, moment_step=None, reset=False, layouts=self._layouts,
                                                 fused=self._fused(items[0].param.device), validate=self.validate,
                                                 tag=self.tag, foreach=self.foreach)
         return loss
