@@ -441,11 +441,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             p = profile_method(path, name, args, device)
             entry["profiles"].append(p)
             print(format_profile(p), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}")
-    if args.plot:
-        print(f"wrote {draw(result, Path(args.plot))}")
+        if args.json:  # after each size: a run cut short keeps the sizes it finished
+            Path(args.json).write_text(json.dumps(result, indent=1))
+            print(f"wrote {args.json}")
+        if args.plot:
+            print(f"wrote {draw(result, Path(args.plot))}")
     return result
 
 
