@@ -373,7 +373,51 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                 "(optimize torch.view_as_real(p) instead, if treating real and imaginary parts "
                                 "as separate entries is what you want)")
 
+    def _reconcile_names(self, param_group: dict) -> None:
+        """torch (>= 2.6) refuses a group with ``param_names`` next to groups without (and the other way round).
+        dist_stab names groups itself (a module gives names), so instead: names are filled in from the known FQNs
+        where every parameter has one, else ``param_names`` are dropped from every group (the names stay known to
+        the optimizer)."""
+        ps = param_group.get("params")
+        if isinstance(ps, torch.Tensor):
+            ps = [ps]
+        if ps is None or isinstance(ps, set):
+            return  # torch's error
+        ps = list(ps)
+        tensors, names = [], []
+        for x in ps:
+            named = isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+            names.append(x[0] if named else None)
+            tensors.append(x[1] if named else x)
+        if any(n is not None for n in names):
+            if not all(n is not None for n in names):
+                return  # torch's error: some names missing
+            param_group["params"], param_group["param_names"] = tensors, names
+        else:
+            param_group["params"] = tensors
+        given = param_group.get("param_names")
+        if given is not None and len(given) == len(tensors):
+            for t, n in zip(tensors, given):
+                self._names.setdefault(id(t), n)
+        if not self.param_groups:
+            return
+        others = all("param_names" in g for g in self.param_groups)
+        if "param_names" in param_group and not others:
+            if all(id(p) in self._names for g in self.param_groups for p in g["params"]):
+                for g in self.param_groups:
+                    g["param_names"] = [self._names[id(p)] for p in g["params"]]
+            else:
+                param_group.pop("param_names")
+        elif "param_names" not in param_group and others:
+            if all(isinstance(t, torch.Tensor) and id(t) in self._names for t in tensors):
+                param_group["param_names"] = [self._names[id(t)] for t in tensors]
+            else:
+                for g in self.param_groups:
+                    g.pop("param_names", None)
+
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):
+            self._reconcile_names(param_group)
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
         g = self.param_groups[gi]
