@@ -22,10 +22,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     overrides = [item for group in args.overrides for item in group]
 
-    from .config import load_config
+    from .config import load_config, single_process_fallback
     from .loop import run
 
     cfg = load_config(args.config, overrides)
+    note = single_process_fallback(cfg)  # fsdp & co. without a launcher: one process, parallel.mode none
+    if note:
+        print(note, flush=True)
     run(cfg)
     import torch.distributed as dist
     if dist.is_initialized():

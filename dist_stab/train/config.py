@@ -204,6 +204,28 @@ def apply_overrides(d: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
     return d
 
 
+MULTI_PROCESS_MODES = ("ddp", "fsdp", "hsdp", "tp", "fsdp_tp")  # need a process group (torchrun, mpirun, srun)
+
+
+def single_process_fallback(cfg: Config, env=None) -> Optional[str]:
+    """A config written for a launcher (``parallel.mode`` ddp/fsdp/hsdp/tp/fsdp_tp) started as one plain
+    process, with no launcher's variables in ``env`` (default ``os.environ``): set ``parallel.mode`` to
+    ``none`` and return the note to print (None when nothing changed). One process computes what every
+    sharded layout computes (dist_stab's sharding invariance), so the run is the same training."""
+    import os
+
+    from dist_stab.launch_env import detect
+
+    env = os.environ if env is None else env
+    mode = cfg.parallel.mode
+    if mode not in MULTI_PROCESS_MODES or detect(env) != "none":
+        return None
+    cfg.parallel.mode = "none"
+    return (f"note: parallel.mode={mode!r} needs several processes, and this is one process started without "
+            f"torchrun/mpirun/srun: running with parallel.mode='none' (the same training on one process; "
+            f"launch with torchrun, e.g. launch/torchrun.sh, to shard)")
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
     d: Dict[str, Any] = {}
     if path:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import dist_stab
 from dist_stab.comm import comm_log
+from dist_stab.skip import reason_names
 
 from . import checkpoint, data as data_mod, report
 from .config import Config
@@ -131,7 +132,10 @@ class Trainer:
         if self.par.mode == "deepspeed":
             self._init_deepspeed(bf16=use_bf16)
         else:
-            self.transforms = build_transforms(cfg.transform, self.model, persistent_grads=cfg.train.keep_grads)
+            # keep_grads: the same gradient objects every step, so the transforms reuse their preparation
+            # (a few C-level passes); persistent_grads would also skip those but cannot see a gradient
+            # dropped in the middle (the freeze idiom p.requires_grad_(False); p.grad = None)
+            self.transforms = build_transforms(cfg.transform, self.model)
             self.stat_tag = self.transforms[0].tag if self.transforms else "GradNorm"
             self.skip = dist_stab.SkipStep(nonfinite=sp.skip_nonfinite, loss_z=sp.skip_loss_z,
                                            grad_z=sp.skip_grad_z, mode=sp.skip_mode)
@@ -287,7 +291,8 @@ class Trainer:
         if self.transforms:
             out["num_clipped"] = st["num_clipped"]
         sp = self.opt.last_stats["spikes"]
-        out.update(loss_spike=sp["loss_spike"], grad_spike=sp["grad_norm_spike"], skipped=sp["skip"])
+        out.update(loss_spike=sp["loss_spike"], grad_spike=sp["grad_norm_spike"], skipped=sp["skip"],
+                   skip_reason=sp["skip_reason"])  # bitmask over dist_stab.skip.REASONS
         return out
 
     def _train_step_deepspeed(self, step: int, lr: float) -> Dict[str, torch.Tensor]:
@@ -315,7 +320,7 @@ class Trainer:
         out = {"loss": loss_sum, "lr": lr, "comm_calls": calls, "comm_bytes": nbytes,
                "grad_norm": st["global_norm"], "num_nonfinite": st["num_nonfinite"],
                "loss_spike": sp["loss_spike"], "grad_spike": sp["grad_norm_spike"],
-               "skipped": torch.tensor(skipped)}
+               "skipped": torch.tensor(skipped), "skip_reason": torch.tensor(1 if skipped else 0)}  # DS: overflow
         if self.transforms:
             out["num_clipped"] = st["num_clipped"]
         return out
@@ -325,7 +330,8 @@ class Trainer:
         if not pending:
             return None
         losses = self._mean_over_ranks(torch.stack([p[1]["loss"] for p in pending])).tolist()
-        keys = [k for k in ("grad_norm", "num_clipped", "num_nonfinite", "loss_spike", "grad_spike", "skipped")
+        keys = [k for k in ("grad_norm", "num_clipped", "num_nonfinite", "loss_spike", "grad_spike", "skipped",
+                            "skip_reason")
                 if k in pending[0][1]]
         stats = {k: torch.stack([p[1][k].float() for p in pending]).tolist() for k in keys}
         tok_s = self.tokens_per_step * len(pending) / max(t_interval, 1e-9)
@@ -339,8 +345,11 @@ class Trainer:
             self._write(rec)
             self._tb_step(rec, tok_s if i == len(pending) - 1 else None)
             if rec.get("skipped"):
-                self.log(f"step {step:>5d} | SKIPPED (non-finite gradient or loss, or a spike beyond the skip "
-                         f"threshold): parameters and all optimizer/transform state left unchanged")
+                why = "+".join(reason_names(rec.get("skip_reason", 0))) or "reason not recorded"
+                if self.engine is not None:
+                    why = "non-finite gradient (DeepSpeed's overflow check)"
+                self.log(f"step {step:>5d} | SKIPPED ({why}): parameters and all optimizer/transform state "
+                         f"left unchanged")
             if rec.get("loss_spike") or rec.get("grad_spike"):
                 self.log(f"step {step:>5d} | spike: loss {'yes' if rec.get('loss_spike') else 'no'}, "
                          f"grad norm {'yes' if rec.get('grad_spike') else 'no'} (> {self.cfg.spikes.sigma:g} std "
@@ -452,7 +461,7 @@ class Trainer:
         calls, nbytes = self.tally.totals_per_step()
         mode = f"deepspeed ZeRO-{self.ds_stage}" if self.engine is not None else self.par.mode
         table = report.format_report(rows, refs, title=f"communication report [{cfg.transform.name}, "
-                                                        f"{mode} x{self.world}]")
+                                                        f"{mode} x{self.world}]", world=self.world)
         self.log(table)
         train_losses = [r["loss"] for r in self.history if "loss" in r]
         summary = {
@@ -468,6 +477,8 @@ class Trainer:
             **{k: float(v) for k, v in self.monitor.scores().items()},
             "skipped": self._skipped(),
             "skipped_steps": self.ds_skipped_steps if self.engine is not None else self.skip.skipped_steps(),
+            "skip_reasons": ([[k, ["nonfinite_grad"]] for k in self.ds_skipped_steps] if self.engine is not None
+                             else [[k, why] for k, why in self.skip.skipped_steps_with_reasons()]),
             "comm_calls_per_step": calls, "comm_bytes_per_step": nbytes,
             "comm": rows, "comm_reference": refs, "resumed_from": self.loaded_checkpoint,
         }
