@@ -121,6 +121,26 @@ def test_bad_group_hyperparameter_raises_before_anything_is_touched(name, key, v
     assert not all(torch.equal(a, b) for a, b in zip(ps, before_p))
 
 
+def test_validation_sees_in_place_edits():
+    """Validation remembers the values that passed; an in-place edit of a list or a tensor is still seen."""
+    for name in CLASSES:
+        ps, opt = _two_groups(name)
+        key = "adam_betas" if name == "SCALE" else "betas"
+        opt.param_groups[0][key] = [0.9, 0.999]
+        opt.param_groups[1]["lr"] = torch.tensor(1e-3)
+        _step(opt, ps, 0)
+        _step(opt, ps, 1)
+        opt.param_groups[0][key][0] = 1.0
+        with pytest.raises(ValueError, match=_match(0, key)):
+            _step(opt, ps, 2)
+        opt.param_groups[0][key][0] = 0.9
+        opt.param_groups[1]["lr"].fill_(math.nan)  # as an LR scheduler writes a tensor lr
+        with pytest.raises(ValueError, match=_match(1, "lr")):
+            _step(opt, ps, 3)
+        opt.param_groups[1]["lr"].fill_(1e-3)
+        _step(opt, ps, 4)
+
+
 def test_lr_schedulers_keep_editing_lr_and_are_followed():
     """Validation every step does not get in a scheduler's way; a scheduled lr of 0 is valid."""
     for name, cls in CLASSES.items():

@@ -95,8 +95,8 @@ def check_betas(name: str, betas) -> None:
         b1, b2 = betas
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}") from None
-    check_unit(f"{name}[0]", b1)
-    check_unit(f"{name}[1]", b2)
+    check_unit(_Item(name, 0), b1)
+    check_unit(_Item(name, 1), b2)
 
 
 def check_positive(name: str, value) -> None:
@@ -274,6 +274,37 @@ def _normalize_params(params) -> Tuple[List[dict], Dict[int, str]]:
     return groups, names
 
 
+class _Item:
+    """``f"{name}[{i}]"``, formatted only when a check fails."""
+
+    __slots__ = ("name", "i")
+
+    def __init__(self, name, i: int):
+        self.name, self.i = name, i
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.i}]"
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+
+
+class _Where:
+    """``"<tag>: param_groups[i]['key']"``, formatted only when a check fails (validation runs every step)."""
+
+    __slots__ = ("tag", "gi", "key")
+
+    def __init__(self, tag: str, gi: int, key: str):
+        self.tag, self.gi, self.key = tag, gi, key
+
+    def __str__(self) -> str:
+        return f"{self.tag}: param_groups[{self.gi}][{self.key!r}]"
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+
+    def __add__(self, other: str) -> str:
+        return str(self) + other
+
+
 #: Instance attributes of ``torch.optim.Optimizer`` that copies do not keep (torch's own ``__getstate__``
 #: keeps only defaults, state and param_groups): hooks may be lambdas or closures over the original.
 _HOOK_ATTRS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
@@ -343,6 +374,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Forget everything derived from the parameters' identities, storage or group dicts (rebuilt lazily)."""
         self._shards: Dict[int, Optional[ShardedParam]] = {}
         self._layouts: Dict[tuple, object] = {}
+        self._hp_seen: Dict[tuple, tuple] = {}  # hyperparameter values that passed (see _check_groups)
 
     def _shard(self, p: torch.Tensor) -> Optional[ShardedParam]:
         key = id(p)
@@ -356,14 +388,37 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _check_group(self, gi: int, g: dict) -> None:
         for key, rule in self._hp_rules.items():
             if key in g:
-                rule(f"{self.tag}: param_groups[{gi}][{key!r}]", g[key])
+                rule(_Where(self.tag, gi, key), g[key])
             elif key in self.defaults:
                 raise ValueError(f"{self.tag}: param_groups[{gi}] has no {key!r}")
 
     def _check_groups(self, groups: Optional[Sequence[dict]] = None) -> None:
-        """Validate every group's hyperparameters on the host (``ValueError`` naming the group and key)."""
-        for gi, g in enumerate(self.param_groups if groups is None else groups):
+        """Validate every group's hyperparameters on the host (``ValueError`` naming the group and key).
+
+        The live groups' values that passed are remembered (per group dict; lists as tuples, so an in-place edit
+        shows); a group whose values are the same is not checked again, except one holding a tensor (a scheduler
+        may ``fill_`` it in place)."""
+        if groups is not None:
+            for gi, g in enumerate(groups):
+                self._check_group(gi, g)
+            return
+        keys = tuple(self._hp_rules)
+        seen = self._hp_seen
+        for gi, g in enumerate(self.param_groups):
+            vals = tuple(map(g.get, keys))
+            sig = tuple(map(type, vals))
+            if tuple in sig or list in sig:  # (a list may be edited in place; entries of pairs are typed too)
+                vals = tuple([tuple(v) if type(v) in (tuple, list) else v for v in vals])
+                sig += tuple(type(x) for v in vals if type(v) is tuple for x in v)
+            hit = seen.get((gi, id(g)))
+            # equal types first: a remembered entry holds no tensor, so == never calls a tensor's __eq__ (a sync)
+            if hit is not None and hit[0] == sig and hit[1] == vals:
+                continue
             self._check_group(gi, g)
+            if len(seen) > 4 * len(self.param_groups) + 16:
+                seen.clear()
+            if not any(issubclass(t, torch.Tensor) for t in sig):
+                seen[(gi, id(g))] = (sig, vals)
 
     def _check_complex(self, gi: int, g: dict) -> None:
         for pi, p in enumerate(g["params"]):
