@@ -301,9 +301,6 @@ class _Where:
 
     __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
 
-    def __add__(self, other: str) -> str:
-        return str(self) + other
-
 
 #: Instance attributes of ``torch.optim.Optimizer`` that copies do not keep (torch's own ``__getstate__``
 #: keeps only defaults, state and param_groups): hooks may be lambdas or closures over the original.
@@ -637,8 +634,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             d = state.pop(k, {})
             state[k] = [d.get(id(p)) for p in params]
         state.pop("_pos_names", None)
-        probe = type(self).__new__(type(self))
-        probe.__dict__.clear()
+        probe = type(self).__new__(type(self))  # which attributes are caches: what _reset_caches sets
         probe._reset_caches()
         for k in probe.__dict__:
             state.pop(k, None)

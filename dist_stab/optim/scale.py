@@ -12,7 +12,7 @@ import torch
 from ..kernels import use_triton
 from ..reducer import SlotLayout, num_collectives
 from ._base import (Kernel, OptItem, ShardedOptimizer, check_betas, check_lr, check_nonneg, check_positive,
-                    check_unit, local_tensor, pack_scalars, segments, seg_view)
+                    check_unit, local_tensor, pack_scalars, segments, seg_view, _Where)
 
 MATRIX, EMBEDDING, LAST, ADAM = "matrix", "embedding", "last", "adam"
 _KEEP = {MATRIX: 0, LAST: 0, EMBEDDING: 1}
@@ -572,9 +572,10 @@ class SCALE(ShardedOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         if "adam_lr" in param_group:
+            gi = len(self.param_groups)
             lr = param_group.get("lr", self.defaults["lr"])
-            check_lr("adam_lr", param_group["adam_lr"])
-            check_lr("lr", lr)
+            check_lr(_Where(self.tag, gi, "adam_lr"), param_group["adam_lr"])
+            check_lr(_Where(self.tag, gi, "lr"), lr)
             lr = float(lr)
             param_group["adam_lr_ratio"] = float(param_group.pop("adam_lr")) / lr if lr > 0 else 0.0
         super().add_param_group(param_group)
