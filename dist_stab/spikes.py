@@ -1,7 +1,8 @@
 """Spike statistics of the training loss and the pre-clip global gradient norm, on device.
 
 For each series x (the reduced loss, the global grad norm) the monitor keeps a ring buffer of
-the last ``window`` finite values (default 1000, the AdaGC paper's metric) and, at step t,
+the last ``window`` finite values of *applied* steps (a skipped step's values stay out, and so does
+the norm of a step on which no tensor had a gradient) (default 1000, the AdaGC paper's metric) and, at step t,
 compares x_t with the mean and (unbiased) std of that trailing window, which **excludes**
 x_t::
 
@@ -13,8 +14,10 @@ No decision is taken before ``min_history`` values are in the window. A non-fini
 flagged ``nonfinite``, is not a spike and is not added to the window.
 
 Identical on every rank: the grad norm comes already reduced from the transforms (no extra
-collective); the loss is averaged over ``group`` with one 1-element all-reduce (skip it with
-``reduce_loss=False`` when the loss passed in is already global). Nothing syncs with the host.
+collective); the loss is reduced over ``group`` as a (value, present) pair with one 2-element
+all-reduce, issued on every rank every step whether or not it passed a loss (a loss on some ranks
+only is averaged over those; none at all: the loss series is not observed). Skip it with
+``reduce_loss=False`` when the loss passed in is already global. Nothing syncs with the host.
 """
 from __future__ import annotations
 
@@ -28,6 +31,28 @@ from . import comm
 from .spec import GroupRef
 
 SERIES = ("loss", "grad_norm")
+
+
+def reduce_loss_pair(loss: Optional[torch.Tensor], group=None, device=None):
+    """``(value, present)`` of this step's loss, averaged over the ranks of ``group`` that passed one.
+
+    One 2-element SUM of ``(loss, 1)`` (``(0, 0)`` on a rank without a loss) when torch.distributed is
+    initialised and ``group`` is not False (False: the loss is already global, nothing is reduced)."""
+    if loss is not None:
+        loss = torch.as_tensor(loss).detach()
+        device = loss.device
+    device = torch.device("cpu") if device is None else device
+    if group is False or not (dist.is_available() and dist.is_initialized()):
+        if loss is None:
+            return torch.zeros((), dtype=torch.float32, device=device), torch.zeros((), dtype=torch.bool, device=device)
+        return loss.float().reshape(()), torch.ones((), dtype=torch.bool, device=device)
+    ref = group if isinstance(group, GroupRef) else GroupRef.of("spike_loss", group)
+    if loss is None:
+        buf = torch.zeros(2, dtype=torch.float32, device=device)
+    else:
+        buf = torch.stack([loss.float().reshape(()), torch.ones((), dtype=torch.float32, device=device)])
+    comm.all_reduce(buf, "sum", ref, "SpikeMonitor")
+    return buf[0] / buf[1].clamp(min=1.0), buf[1] > 0.5
 
 
 class SpikeMonitor:
@@ -54,14 +79,11 @@ class SpikeMonitor:
             if v.device != device:
                 self.state[k] = v.to(device)
 
-    def _reduce(self, loss: torch.Tensor) -> torch.Tensor:
-        if not (self.reduce_loss and dist.is_available() and dist.is_initialized()):
-            return loss
-        group = self._group
-        ref = group if isinstance(group, GroupRef) else GroupRef.of("spike_loss", group)
-        buf = loss.detach().float().reshape(1).clone()
-        comm.all_reduce(buf, "sum", ref, "SpikeMonitor")
-        return (buf / ref.size).reshape(())
+    def reduce_loss_pair(self, loss: Optional[torch.Tensor], device=None):
+        """(mean loss over the ranks that passed one, present): a (value, present) pair reduced with one
+        2-element SUM over ``group`` -- issued on every rank whether or not it has a loss, so a loss given
+        on some ranks only neither hangs nor lies. ``present`` is a device bool (False: no rank had one)."""
+        return reduce_loss_pair(loss, self._group if self.reduce_loss else False, device)
 
     def zscore(self, name: str, x: torch.Tensor):
         """(z, ready) of x against the current window of series ``name`` (window not updated)."""
@@ -76,41 +98,59 @@ class SpikeMonitor:
         ready = n >= self.min_history
         return torch.where(ready, z, torch.zeros_like(z)), ready
 
-    def observe(self, loss: Optional[torch.Tensor] = None, grad_norm: Optional[torch.Tensor] = None):
+    def observe(self, loss: Optional[torch.Tensor] = None, grad_norm: Optional[torch.Tensor] = None,
+                loss_present: Optional[torch.Tensor] = None, grad_present: Optional[torch.Tensor] = None,
+                reduced: bool = False):
         """Score this step's values against the trailing windows. Returns device tensors per series:
         ``{name}`` (the value used), ``{name}_z``, ``{name}_spike``, ``{name}_spike_abs``,
-        ``{name}_nonfinite``. Call :meth:`commit` afterwards to add them to the windows."""
+        ``{name}_nonfinite``, ``{name}_present``. Call :meth:`commit` afterwards to add them to the windows.
+
+        ``loss`` is reduced here (:meth:`reduce_loss_pair`) unless ``reduced`` (then ``loss_present`` says
+        whether any rank had one). ``grad_present``: False when no tensor had a gradient this step (a
+        norm of 0 that must not enter the window)."""
         out: Dict[str, torch.Tensor] = {}
-        values = {"loss": self._reduce(loss) if loss is not None else None, "grad_norm": grad_norm}
-        for name, x in values.items():
+        dev = grad_norm.device if grad_norm is not None else None
+        if not reduced:
+            loss, loss_present = self.reduce_loss_pair(loss, dev)
+        values = {"loss": (loss, loss_present), "grad_norm": (grad_norm, grad_present)}
+        for name, (x, present) in values.items():
             if x is None:
                 continue
             x = x.detach().reshape(())
             self._to(x.device)
+            present = (torch.ones((), dtype=torch.bool, device=x.device) if present is None
+                       else present.to(x.device).reshape(()))
             z, ready = self.zscore(name, x)
             finite = torch.isfinite(x)
             out[name] = x
-            out[f"{name}_z"] = z
-            out[f"{name}_spike"] = ready & finite & (z > self.sigma)
-            out[f"{name}_spike_abs"] = ready & finite & (z.abs() > self.sigma)
-            out[f"{name}_nonfinite"] = ~finite
+            out[f"{name}_z"] = torch.where(present, z, torch.zeros_like(z))
+            out[f"{name}_spike"] = present & ready & finite & (z > self.sigma)
+            out[f"{name}_spike_abs"] = present & ready & finite & (z.abs() > self.sigma)
+            out[f"{name}_nonfinite"] = present & ~finite
+            out[f"{name}_present"] = present
         self._pending = out
         return out
 
-    def commit(self) -> Dict[str, torch.Tensor]:
-        """Add the observed values to the windows and count spikes; returns the running scores."""
+    def commit(self, applied: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Add the observed values to the windows and count spikes; returns the running scores.
+
+        ``applied`` (device bool): False for a skipped step, whose values stay out of the windows (so a
+        skipped spike cannot widen the window and hide the next one). Spikes are counted either way."""
         out = getattr(self, "_pending", None) or {}
         if out:
             self.state["steps"] += 1
         for name in SERIES:
             if name not in out:
                 continue
-            x, finite = out[name], ~out[f"{name}_nonfinite"]
+            x = out[name]
+            keep_it = out[f"{name}_present"] & ~out[f"{name}_nonfinite"]
+            if applied is not None:
+                keep_it = keep_it & applied.to(keep_it.device)
             buf, count = self.state[f"{name}_buf"], self.state[f"{name}_count"]
             slot = (count % self.window).reshape(1)
             keep = buf.index_select(0, slot)
-            buf.index_copy_(0, slot, torch.where(finite, x.to(torch.float64).reshape(1), keep))
-            count += finite.long()
+            buf.index_copy_(0, slot, torch.where(keep_it, x.to(torch.float64).reshape(1), keep))
+            count += keep_it.long()
             self.state[f"{name}_spikes"] += out[f"{name}_spike"].long()
         self._pending = None
         return self.scores()

@@ -5,9 +5,23 @@ The result is a ``torch.optim.Optimizer`` (LR schedulers accept it) that shares 
 optimizer's ``param_groups`` and ``state``; its ``state_dict`` holds the inner optimizer's,
 every transform's, the monitor's and the skip counters' state, so one checkpoint restores all.
 
+Late binding. The transforms follow the inner optimizer's *current* parameters: whenever the
+``param_groups`` hold other parameter objects than at the last step (``fully_shard`` followed by
+Accelerate's or the HF Trainer's swap of the sharded parameters into ``param_groups``,
+``add_param_group``, a parameter unfrozen later) every transform is rebound, by name, and its
+per-tensor state follows the names. Names come from, in order: the parameter objects a transform
+was built with (and the module it was built from, re-read), torch's ``param_names`` in the
+groups, the name that the previous object at the same place in ``param_groups`` had (a swap), and
+else ``param_groups.{i}.{j}``. A transform built with parameters covers the optimizer's parameters
+of those names (built from a module: of the module's parameters as they are at the rebind, so a
+head attached later is covered); one built with none (``AdaGC()``, or a generator the optimizer already consumed)
+covers all of them. ``wrap()`` refuses a transform holding trainable parameters the optimizer does
+not update, naming them. Checking for a change costs two C-level passes over the parameter list.
+
 ``step(closure=None, loss=None)``: pass this step's (local) loss for the spike monitor and the
-loss-based skip test; it is averaged over the data-parallel group with one 1-element
-all-reduce. Statistics land in ``last_stats`` as device tensors (read them at log time).
+loss-based skip tests; it is reduced over the data-parallel group as a (value, present) pair with
+one 2-element all-reduce, on every rank, so a loss passed on some ranks only is averaged over
+those. Statistics land in ``last_stats`` as device tensors (read them at log time).
 
 Folding (``fold=None``: whenever possible): when the inner optimizer reads gradients through
 per-tensor factors (``supports_grad_factors``, e.g. :class:`dist_stab.optim.AdamW`), the last
@@ -15,14 +29,39 @@ transform does not rescale the gradients; its factors go to ``optimizer.step(gra
 instead, which saves a read and a write of every gradient it scales (GradientStabilizer scales
 all of them). The update is the same; ``.grad`` then holds the gradients as the last transform
 saw them. Possible when every parameter of the last transform is a plain or DTensor parameter
-of the optimizer. ``fold=True`` raises where it is not possible, ``fold=False`` never folds.
+of the optimizer. ``fold=True`` raises where it is not possible, ``fold=False`` never folds. The
+transform itself is not changed: used alone afterwards, it scales gradients as usual.
 """
 from __future__ import annotations
 
+import operator
+import weakref
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from itertools import chain
+from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from .spikes import reduce_loss_pair
+
+_PARAMS = operator.itemgetter("params")
+
+
+class _Names:
+    """id(param) -> name for live parameter objects (weakly held: a dead object's id may be reused)."""
+
+    def __init__(self):
+        self._by_id: Dict[int, Tuple[weakref.ref, str]] = {}
+
+    def add(self, p: torch.Tensor, name: str) -> None:
+        self._by_id[id(p)] = (weakref.ref(p), name)
+
+    def get(self, p: torch.Tensor) -> Optional[str]:
+        hit = self._by_id.get(id(p))
+        return hit[1] if hit is not None and hit[0]() is p else None
+
+    def prune(self) -> None:
+        self._by_id = {k: v for k, v in self._by_id.items() if v[0]() is not None}
 
 
 class WrappedOptimizer(torch.optim.Optimizer):
@@ -48,38 +87,126 @@ class WrappedOptimizer(torch.optim.Optimizer):
         if skip is not None and skip.needs_monitor and monitor is None:
             from .spikes import SpikeMonitor
             self.monitor = SpikeMonitor()
-        self._fold_index: Optional[List[int]] = None  # optimizer param -> factor position (last: 1.0)
-        self._fold_perm: Optional[torch.Tensor] = None
-        self._setup_fold(fold)
         self._probe = None
         if (skip is not None or self.monitor is not None) and not self.transforms:
             from .transforms import GradNorm
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            self._probe = GradNorm([(f"param.{i}", p) for i, p in enumerate(params)])
+            self._probe = GradNorm()  # binds to every parameter of the optimizer
+        self._fold_request = fold
+        self._fold_index: Optional[List[int]] = None  # optimizer param -> factor position (last: 1.0)
+        self._fold_perm: Optional[torch.Tensor] = None
+        self._names = _Names()  # any transform's name for an object: for objects a transform does not know
+        self._known: Dict[int, _Names] = {}  # per transform (by id): its own names for objects
+        self._pos_names: Dict[int, Dict[Tuple[int, int], str]] = {}  # per transform: names by place in the groups
+        self._bound_flat: Optional[list] = None
+        for t in self._all_transforms():
+            t.wrapped = True
+            if getattr(t, "late_bindable", False):
+                known = self._known.setdefault(id(t), _Names())
+                for s in t.shards:
+                    known.add(s.param, s.fqn)
+                    if self._names.get(s.param) is None:
+                        self._names.add(s.param, s.fqn)
+        self._sync_binding()
 
-    def _setup_fold(self, fold: Optional[bool]) -> None:
+    def _all_transforms(self) -> list:
+        return self.transforms + ([self._probe] if self._probe is not None else [])
+
+    # ------------------------------------------------------------------ binding
+    def _sync_binding(self) -> None:
+        """Rebind the transforms if ``param_groups`` holds other parameter objects than last time."""
+        flat = list(chain.from_iterable(map(_PARAMS, self.optimizer.param_groups)))
+        bound = self._bound_flat
+        if bound is not None and len(flat) == len(bound) and all(map(operator.is_, flat, bound)):
+            return
+        self._rebind(flat)
+
+    def _resolve_names(self, t) -> List[List[str]]:
+        """A name, in transform ``t``'s naming, for every parameter of every group (module docstring)."""
+        known = self._known.setdefault(id(t), _Names())
+        module = getattr(t, "_module", None)
+        if module is not None:
+            for n, p in module.named_parameters(remove_duplicate=False):
+                if known.get(p) is None:
+                    known.add(p, n)
+        pos = self._pos_names.get(id(t), {})
+        out = []
+        for gi, g in enumerate(self.optimizer.param_groups):
+            given = g.get("param_names")
+            names = []
+            for j, p in enumerate(g["params"]):
+                name = known.get(p) or pos.get((gi, j)) or self._names.get(p)
+                if name is None:
+                    name = given[j] if given is not None and j < len(given) else f"param_groups.{gi}.{j}"
+                names.append(name)
+            out.append(names)
+        return out
+
+    def _rebind(self, flat: list) -> None:
+        groups = self.optimizer.param_groups
+        for t in self._all_transforms():
+            if not getattr(t, "late_bindable", False):
+                self._check_fixed(t, flat)
+                continue
+            names = self._resolve_names(t)
+            pairs = [(n, p) for g, ns in zip(groups, names) for n, p in zip(ns, g["params"])]
+            seen, dup = set(), set()
+            for n, _ in pairs:
+                (dup if n in seen else seen).add(n)
+            if dup:
+                raise ValueError(f"wrap(): parameters of the optimizer share the names {sorted(dup)[:5]} for "
+                                 f"{type(t).__name__}; names key the transforms' state")
+            scope, trainable = t.scope, getattr(t, "scope_trainable", t.scope)
+            module = getattr(t, "_module", None)
+            if module is not None:  # built from a module: its parameters as they are now (a head added later too)
+                mod = list(module.named_parameters())
+                scope = frozenset(n for n, _ in mod)
+                trainable = frozenset(n for n, p in mod if p.requires_grad)
+            if scope is not None:
+                lost = sorted(trainable - seen)
+                if lost:
+                    raise ValueError(
+                        f"wrap(): {type(t).__name__} holds {len(lost)} trainable parameter(s) the optimizer does not "
+                        f"update: {lost[:5]}{'...' if len(lost) > 5 else ''}. Build the transform from the "
+                        "optimizer's parameters (or give it none: it then takes all of the optimizer's).")
+            mine = pairs if scope is None else [(n, p) for n, p in pairs if n in scope]
+            t._bind(_describe(mine))
+            known = self._known[id(t)]
+            for n, p in pairs:
+                known.add(p, n)
+                if self._names.get(p) is None:
+                    self._names.add(p, n)
+            known.prune()
+            self._pos_names[id(t)] = {(gi, j): n for gi, ns in enumerate(names) for j, n in enumerate(ns)}
+        self._names.prune()
+        self._bound_flat = flat
+        self._setup_fold(flat)
+
+    @staticmethod
+    def _check_fixed(t, flat: list) -> None:
+        ids = {id(p) for p in flat}
+        stray = [s.fqn for s in t.shards if id(s.param) not in ids]
+        if stray:
+            raise ValueError(f"wrap(): {type(t).__name__} holds parameters the optimizer does not update: {stray[:5]}")
+
+    def _setup_fold(self, flat: list) -> None:
+        self._fold_index, self._fold_perm = None, None
+        fold = self._fold_request
         if fold is False or not self.transforms:
             return
         last = self.transforms[-1]
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         reason = None
         if not getattr(self.optimizer, "supports_grad_factors", False):
             reason = f"{type(self.optimizer).__name__} does not take grad_factors"
-        elif not getattr(last, "apply_factors", False):
+        elif not getattr(type(last), "apply_factors", False):
             reason = f"{type(last).__name__} does not scale gradients"
-        elif not all(getattr(s, "kind", None) in ("plain", "dtensor") for s in getattr(last, "shards", [None])):
+        elif not all(getattr(s, "kind", None) in ("plain", "dtensor") for s in last.shards):
             reason = f"{type(last).__name__} holds parameters other than plain or DTensor ones"
-        else:
-            where = {id(p): i for i, p in enumerate(params)}
-            if any(id(s.param) not in where for s in last.shards):
-                reason = f"{type(last).__name__} holds parameters this optimizer does not update"
         if reason is not None:
             if fold:
                 raise ValueError(f"wrap(fold=True): cannot fold {type(last).__name__} into the optimizer: {reason}")
             return
         pos = {id(s.param): i for i, s in enumerate(last.shards)}
-        self._fold_index = [pos.get(id(p), len(last.shards)) for p in params]
-        last.apply_factors = False
+        self._fold_index = [pos.get(id(p), len(last.shards)) for p in flat]
 
     @property
     def folded(self) -> bool:
@@ -91,9 +218,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
             return {}
         f = stats[len(self.transforms) - 1]["factors"].float()
         if self._fold_perm is None or self._fold_perm.device != f.device:
-            self._fold_perm = torch.tensor(self._fold_index, device=f.device)
+            from .kernels import _int64_on
+            self._fold_perm = _int64_on(self._fold_index, f.device)
         return {"grad_factors": torch.cat([f, f.new_ones(1)]).index_select(0, self._fold_perm)}
 
+    # ------------------------------------------------------------------ torch.optim.Optimizer surface
     @property
     def param_groups(self) -> List[dict]:
         return self.optimizer.param_groups
@@ -114,10 +243,12 @@ class WrappedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_binding()
         snaps = [t.snapshot() for t in self.transforms] if self.skip is not None else None
         stats = []
-        for t in self.transforms:
-            st = t.step()
+        last = len(self.transforms) - 1
+        for i, t in enumerate(self.transforms):
+            st = t.step(apply=False) if (i == last and self._fold_index is not None) else t.step()
             stats.append(st)
             self.last_stats[getattr(t, "tag", type(t).__name__)] = st
         if self._probe is not None:
@@ -129,10 +260,14 @@ class WrappedOptimizer(torch.optim.Optimizer):
             return loss
         first = stats[0]  # the first transform sees the raw gradients: its norm is the pre-clip one
         nonfinite = sum(st["num_nonfinite"] for st in stats) > 0
-        obs = self.monitor.observe(loss, first["global_norm"]) if self.monitor is not None else {}
-        if self.skip is None:
-            self.optimizer.step(**kw)
-        else:
+        grad_present = (first["num_active"] > 0) & (first["global_norm"] > 0)  # a zero norm stays out of the window
+        if self.monitor is not None:
+            obs = self.monitor.observe(loss, first["global_norm"], grad_present=grad_present)
+        else:  # SkipStep alone: the loss is still reduced, for its non-finite test
+            value, present = reduce_loss_pair(loss, None, first["global_norm"].device)
+            obs = {"loss": value, "loss_present": present, "loss_nonfinite": present & ~torch.isfinite(value)}
+        applied = None
+        if self.skip is not None:
             skip = self.skip.decide(nonfinite, obs)
             for t, snap in zip(self.transforms, snaps):
                 t.restore_where(snap, skip)
@@ -140,8 +275,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
             self.skip.record(skip, obs.get("skip_reason"))
             obs["skip"] = skip
             obs["skipped"] = self.skip.skipped
+            applied = ~skip
+        else:
+            self.optimizer.step(**kw)
         if self.monitor is not None:
-            obs.update(self.monitor.commit())
+            obs.update(self.monitor.commit(applied))
         self.last_stats["spikes"] = obs
         return loss
 
@@ -149,7 +287,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
-        self.optimizer.add_param_group(param_group)
+        self.optimizer.add_param_group(param_group)  # the transforms rebind at the next step
 
     def state_dict(self) -> dict:
         sd = {"optimizer": self.optimizer.state_dict(), "transforms": [t.state_dict() for t in self.transforms]}
@@ -163,6 +301,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         saved = state_dict["transforms"]
         if len(saved) != len(self.transforms):
             raise ValueError(f"checkpoint has {len(saved)} transforms, this optimizer has {len(self.transforms)}")
+        self._sync_binding()
         self.optimizer.load_state_dict(state_dict["optimizer"])
         for t, sd in zip(self.transforms, saved):
             t.load_state_dict(sd)
@@ -174,6 +313,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         inner = "\n  ".join(repr(self.optimizer).splitlines())
         return f"WrappedOptimizer(\n  {inner},\n  transforms={[type(t).__name__ for t in self.transforms]})"
+
+
+def _describe(pairs):
+    from .backends import describe
+    return describe(pairs, include_frozen=True)
 
 
 def wrap(optimizer: torch.optim.Optimizer, *transforms, skip=None, monitor=None,

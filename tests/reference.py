@@ -20,34 +20,48 @@ def ref_global_clip(grads: List[torch.Tensor], max_norm: float) -> float:
 
 
 class RefAdaGC:
-    """lishuai-97/AdaGC megatron/optimizer/clip_grads.py, mode AdaGC (arXiv:2502.11034)."""
+    """lishuai-97/AdaGC megatron/optimizer/clip_grads.py, mode AdaGC (arXiv:2502.11034).
+
+    With dist_stab's presence rule on top (README): a gradient that is ``None`` (inactive), or whose norm is
+    zero or non-finite, neither seeds nor advances gamma nor the tensor's warm-up count; the warm-up is
+    counted per tensor. With every gradient present and non-zero this is the official code."""
 
     def __init__(self, n: int, lambda_rel=1.04, beta=0.99, warmup_steps=100, max_norm=1.0, eps=1e-6):
         self.lam, self.beta, self.warm, self.max_norm, self.eps = lambda_rel, beta, warmup_steps, max_norm, eps
         self.gamma: List[Optional[float]] = [None] * n
+        self.count = [0] * n
         self.steps = 0
 
-    def step(self, grads: List[torch.Tensor]) -> List[float]:
+    def step(self, grads: List[Optional[torch.Tensor]]) -> List[float]:
         self.steps += 1
+        present = [g for g in grads if g is not None]
+        total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in present))
+        coef = self.max_norm / (total + 1e-6)
         factors = []
-        if self.steps <= self.warm:
-            total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
-            coef = self.max_norm / (total + 1e-6)
-            for i, g in enumerate(grads):
-                if coef < 1:
-                    g.mul_(coef)
-                n = float(g.double().norm())
-                self.gamma[i] = n if self.gamma[i] is None else min(self.gamma[i], n)
-                factors.append(min(coef, 1.0))
-            return factors
         for i, g in enumerate(grads):
+            if g is None:
+                factors.append(1.0)
+                continue
             n = float(g.double().norm())
+            ok = math.isfinite(n) and n > 0
+            if self.count[i] < self.warm:  # this tensor's warm-up: global clip, seed gamma with the minimum
+                if coef < 1 and math.isfinite(total):
+                    g.mul_(coef)
+                if ok and math.isfinite(total):
+                    post = n * min(coef, 1.0)
+                    self.gamma[i] = post if self.gamma[i] is None else min(self.gamma[i], post)
+                    self.count[i] += 1
+                factors.append(min(coef, 1.0) if math.isfinite(total) else 1.0)
+                continue
             f = 1.0
-            if n > self.lam * self.gamma[i]:
-                f = self.lam * self.gamma[i] / (n + self.eps)
-                g.mul_(f)
-                n = self.lam * self.gamma[i]
-            self.gamma[i] = self.beta * self.gamma[i] + (1 - self.beta) * n
+            if ok and self.gamma[i] is None:
+                self.gamma[i] = n
+            elif ok:
+                if n > self.lam * self.gamma[i]:
+                    f = self.lam * self.gamma[i] / (n + self.eps)
+                    g.mul_(f)
+                    n = self.lam * self.gamma[i]
+                self.gamma[i] = self.beta * self.gamma[i] + (1 - self.beta) * n
             factors.append(f)
         return factors
 
@@ -61,6 +75,8 @@ class RefGradientStabilizer:
 
     def step(self, grads: List[torch.Tensor]) -> None:
         for i, g in enumerate(grads):
+            if g is None:  # inactive: no state change
+                continue
             R = float(g.double().norm())
             if not math.isfinite(R) or R <= 0:
                 continue

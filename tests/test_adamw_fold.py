@@ -197,10 +197,9 @@ def test_fold_false_and_fold_true_errors():
     model = Net()
     with pytest.raises(ValueError, match="does not take grad_factors"):
         ds.wrap(torch.optim.AdamW(model.parameters()), ds.GradientStabilizer(model), fold=True)
-    with pytest.raises(ValueError, match="does not update"):  # the transform covers a param the optimizer lacks
-        ds.wrap(AdamW(model.a.parameters()), ds.GradientStabilizer(model), fold=True)
-    w = ds.wrap(AdamW(model.a.parameters()), ds.GradientStabilizer(model))
-    assert not w.folded and w.transforms[0].apply_factors
+    for fold in (True, None, False):  # a transform covering a param the optimizer lacks is refused, by name
+        with pytest.raises(ValueError, match=r"does not update: \['b.weight'"):
+            ds.wrap(AdamW(model.a.parameters()), ds.GradientStabilizer(model), fold=fold)
     with pytest.raises(ValueError, match="does not scale"):
         ds.wrap(AdamW(model.parameters()), ds.GradNorm(model), fold=True)
 
@@ -223,8 +222,24 @@ def test_fold_two_transforms_and_partial_coverage():
 
     ref, rw = run(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False))
     got, gw = run(lambda m: AdamW(m.parameters(), lr=1e-2))
-    assert gw.folded and gw.transforms[0].apply_factors and not gw.transforms[1].apply_factors
+    assert gw.folded and gw.transforms[0].apply_factors and gw.transforms[1].apply_factors  # wrap() mutates none
     assert _max_rel(list(got.parameters()), list(ref.parameters())) <= 1e-6
+
+
+def test_transform_reused_after_folding_wrap_scales_gradients():
+    """wrap() folds by calling step(apply=False); the transform used alone afterwards still scales."""
+    model = Net()
+    gs = ds.GradientStabilizer(model)
+    w = ds.wrap(AdamW(model.parameters(), lr=1e-2), gs)
+    assert w.folded
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    model(x).pow(2).mean().backward()
+    raw = [p.grad.clone() for p in model.parameters()]
+    w.step()
+    assert all(torch.equal(p.grad, r) for p, r in zip(model.parameters(), raw))  # folded: grads untouched
+    st = gs.step()  # alone, on the same gradients: scaled by its factors
+    for p, r, f in zip(model.parameters(), raw, st["factors"]):
+        assert float(f) != 1.0 and torch.allclose(p.grad, r * f, rtol=1e-6, atol=0)
 
 
 def test_fold_with_skip_step():

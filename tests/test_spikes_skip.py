@@ -176,7 +176,7 @@ def test_injected_bad_gradient_on_one_rank_is_skipped_everywhere(bad):
     assert torch.equal(res[0]["gamma"], res[1]["gamma"])
     for k, v in res[0]["monitor"].items():  # spike statistics identical on every rank, bit for bit
         assert torch.equal(v, res[1]["monitor"][k]), k
-    assert int(res[0]["monitor"]["loss_count"]) == 16
+    assert int(res[0]["monitor"]["loss_count"]) == 15  # the skipped step's loss stays out of the window
     for n in res[0]["params"]:
         assert torch.equal(res[0]["params"][n], res[1]["params"][n])
 

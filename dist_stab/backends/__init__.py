@@ -53,8 +53,10 @@ def named_params(params) -> List[Tuple[str, torch.Tensor]]:
     return out
 
 
-def describe(params, describers: Optional[Iterable[Describer]] = None) -> List[ShardedParam]:
-    """Describe every parameter that requires grad; raise if two share a name."""
+def describe(params, describers: Optional[Iterable[Describer]] = None,
+             include_frozen: bool = False) -> List[ShardedParam]:
+    """Describe every parameter that requires grad (every one with ``include_frozen``); raise if two share
+    a name."""
     chain = list(describers) if describers is not None else _DESCRIBERS
     shards: List[ShardedParam] = []
     seen_ids = set()
@@ -62,7 +64,7 @@ def describe(params, describers: Optional[Iterable[Describer]] = None) -> List[S
         if isinstance(p, ShardedParam):
             shards.append(p)
             continue
-        if not p.requires_grad or id(p) in seen_ids:
+        if (not p.requires_grad and not include_frozen) or id(p) in seen_ids:
             continue  # frozen, or the same tensor under a second name (tied weights count once)
         seen_ids.add(id(p))
         for fn in chain:

@@ -66,9 +66,11 @@ def step_cost(n: int, model: str):
     m = MODELS[model]
     tp, pp, dp = layout(n, model)
     p = m.stage_tensors(pp)
-    vec = 4 * p
+    vec = 4 * p  # one fp32 per tensor (StableSPAM's max and sum)
+    vec_t = 8 * p  # the transforms: (sum of squares, presence) per tensor
     dp_cross = tp * dp > GPUS_PER_NODE or dp > 1 and tp == GPUS_PER_NODE
-    per_tensor = allreduce_s(tp, vec, False) + allreduce_s(dp, vec, dp_cross)
+    per_tensor = allreduce_s(tp, vec_t, False) + allreduce_s(dp, vec_t, dp_cross)
+    per_tensor_4 = allreduce_s(tp, vec, False) + allreduce_s(dp, vec, dp_cross)
     world = allreduce_s(n, 4, n > GPUS_PER_NODE)
     # SCALE: per-row sums of the TP row-parallel weights (o, down: d rows each per layer) over TP;
     # under dist-opt flat partitions also every matrix's rows over DP (q,k,v,o: d; gate, up: ff/tp; down: d).
@@ -83,7 +85,7 @@ def step_cost(n: int, model: str):
         "adagc_exact_us": per_tensor * 1e6,
         "adagc_shard_local_us": 0.0,
         "gradient_stabilizer_us": per_tensor * 1e6,
-        "stable_spam_us": 2 * per_tensor * 1e6,
+        "stable_spam_us": 2 * per_tensor_4 * 1e6,
         "scale_us": scale * 1e6,
         "global_waits_on_all_stages": pp > 1,
     }

@@ -26,12 +26,12 @@ def global_clip_factor(total: torch.Tensor, max_norm: float) -> torch.Tensor:
 class GlobalClip(GradTransform):
     tag = "GlobalClip"
 
-    def __init__(self, params, max_norm: float = 1.0, **kw):
+    def __init__(self, params=None, max_norm: float = 1.0, **kw):
         check_positive("max_norm", max_norm)
         self.max_norm = float(max_norm)
         super().__init__(params, **kw)
 
-    def _compute(self, plan, sumsq, maxabs):
-        total = self.global_sumsq(plan, sumsq).sqrt()
+    def _compute(self, sumsq, maxabs, active):
+        total = self.global_sumsq(sumsq).sqrt()
         coef = global_clip_factor(total, self.max_norm)
         return coef.expand(sumsq.shape).contiguous(), {"global_norm": total}

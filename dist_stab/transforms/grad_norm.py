@@ -14,5 +14,5 @@ class GradNorm(GradTransform):
     tag = "GradNorm"
     apply_factors = False
 
-    def _compute(self, plan, sumsq, maxabs):
+    def _compute(self, sumsq, maxabs, active):
         return torch.ones_like(sumsq), {}

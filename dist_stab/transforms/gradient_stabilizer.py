@@ -3,7 +3,8 @@
 TianjinYellow/GradientStabilizer ``gradient_stabilizer.py``). Per tensor::
 
     R   = ||g||                      (fp32, the FULL tensor's norm, completed across shards)
-    if R is not finite or R <= 0:    leave g alone, do not advance k        (as the code)
+    if R is not finite or R <= 0:    leave g alone, do not advance k, m, v  (as the code; also when the
+                                     tensor is inactive: no rank has a gradient for it)
     k  += 1
     m   = gamma1 m + (1 - gamma1) R ;          v = gamma2 v + (1 - gamma2) R^2
     rho = m_hat / (sqrt(v_hat) + eps),  m_hat = m / (1 - gamma1^k), v_hat = v / (1 - gamma2^k)
@@ -29,7 +30,7 @@ class GradientStabilizer(GradTransform):
     tag = "GradientStabilizer"
     state_init = {"m": 0.0, "v": 0.0, "k": 0.0}
 
-    def __init__(self, params, gamma1: float = 0.6, gamma2: float = 0.999, eps: float = 1e-12,
+    def __init__(self, params=None, gamma1: float = 0.6, gamma2: float = 0.999, eps: float = 1e-12,
                  bias_correction: bool = True, mode: str = "exact", **kw):
         check_open_unit("gamma1", gamma1)
         check_open_unit("gamma2", gamma2)
@@ -38,10 +39,10 @@ class GradientStabilizer(GradTransform):
         self.bias_correction = bool(bias_correction)
         super().__init__(params, mode=mode, **kw)
 
-    def _compute(self, plan, sumsq, maxabs):
+    def _compute(self, sumsq, maxabs, active):
         R = sumsq.sqrt()
-        ok = torch.isfinite(R) & (R > 0)
-        m, v, k = (self._get(plan, n) for n in ("m", "v", "k"))
+        ok = active & torch.isfinite(R) & (R > 0)
+        m, v, k = (self._get(n) for n in ("m", "v", "k"))
         k_new = k + ok.float()
         m_new = torch.where(ok, self.gamma1 * m + (1 - self.gamma1) * R, m)
         v_new = torch.where(ok, self.gamma2 * v + (1 - self.gamma2) * R * R, v)
@@ -55,5 +56,5 @@ class GradientStabilizer(GradTransform):
         rho = m_hat / (v_hat.sqrt() + self.eps)
         factors = torch.where(ok, rho / R.clamp(min=self.eps), torch.ones_like(R))
         for name, val in (("m", m_new), ("v", v_new), ("k", k_new)):
-            self._set(plan, name, val)
-        return factors, {"rho": self._scatter_full(plan, torch.where(ok, rho, torch.zeros_like(rho)), 0.0)}
+            self._set(name, val)
+        return factors, {"rho": torch.where(ok, rho, torch.zeros_like(rho))}

@@ -18,7 +18,8 @@ Defaults follow the package (alpha 0.97, z_thresh 2.5, warmup 25, eps 1e-6) exce
 Distributed: one SUM of per-tensor sums of squares per group (+ one scalar over
 ``global_group`` across pipeline stages). Every decision is device side; the package calls
 a host read (``item``) each step and only reduces under FSDP1. A non-finite norm is not recorded and
-leaves the gradients untouched.
+leaves the gradients untouched; a zero norm (no gradient on any rank, an all-zero dry step) is not
+recorded either.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from .base import GradTransform, check_open_unit, check_positive
 class ZClip(GradTransform):
     tag = "ZClip"
 
-    def __init__(self, params, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
+    def __init__(self, params=None, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
                  max_grad_norm=None, eps: float = 1e-6, mode: str = "zscore",
                  clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
                  skip_update_on_spike: bool = False, **kw):
@@ -54,14 +55,15 @@ class ZClip(GradTransform):
         self.zstate = {"buffer": torch.zeros(self.warmup_steps), "count": torch.zeros(()),
                        "mean": torch.zeros(()), "var": torch.zeros(())}
 
-    def _compute(self, plan, sumsq, maxabs):
+    def _compute(self, sumsq, maxabs, active):
         st = {k: v.to(sumsq.device) for k, v in self.zstate.items()}
-        g = self.global_sumsq(plan, sumsq).sqrt()
+        g = self.global_sumsq(sumsq).sqrt()
         finite = torch.isfinite(g)
+        ok = finite & (g > 0)  # a zero norm (no gradient anywhere, a dry step) is not recorded
         W = self.warmup_steps
         initialized = st["count"] >= W
         # warm-up: record the norm, clip to max_grad_norm like clip_grad_norm_
-        record = finite & ~initialized
+        record = ok & ~initialized
         slot = st["count"].clamp(max=W - 1).long().reshape(1)
         buf = st["buffer"].index_copy(0, slot, torch.where(record, g, st["buffer"].index_select(0, slot).squeeze(0)).reshape(1))
         count = st["count"] + record.float()
@@ -86,7 +88,7 @@ class ZClip(GradTransform):
             eff = torch.clamp(eff, max=self.max_grad_norm)
         post_coef = torch.where(g > eff, eff / (g + 1e-6), torch.ones_like(g))
         x = torch.where(spike, thr, g)
-        upd = finite & initialized & ~(spike & self.skip_update_on_spike)
+        upd = ok & initialized & ~(spike & self.skip_update_on_spike)
         new_mean = self.alpha * mean + (1 - self.alpha) * x
         new_var = self.alpha * var + (1 - self.alpha) * (x - new_mean).square()
         coef = torch.where(initialized, post_coef, warm_coef)
