@@ -20,13 +20,14 @@
 #   spikes.window=20              the spike monitor's window is shorter than the spike spacing: a spike still in
 #                                 the window inflates its std and would hide the next one
 # Corpus: ../shared/data/gutenberg-small.*.txt.xz (or $DIST_STAB_DATA). Outputs: runs/demo-<method>/
-# (metrics.jsonl, summary.json, config.json, tb/) and runs/demo.png (matplotlib).
+# (metrics.jsonl, summary.json, config.json, tb/) and runs/demo.png (matplotlib); DEMO_OUT=dir for another folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CONFIG=${CONFIG:-configs/tiny_cpu.yaml}
 STEPS=${STEPS:-80}
 METHODS=${METHODS:-global_clip adagc gradient_stabilizer}
+OUT=${DEMO_OUT:-runs}
 STRESS=(optim.lr=1e-2 train.inject_spike_every=25 train.inject_nan_at=40 spikes.window=20)
 EXTRA=()
 for a in "$@"; do
@@ -54,17 +55,17 @@ for T in $METHODS; do
   n=$((n + 1))
   echo
   echo "=== run $n: transform=$T ==="
-  rm -rf "runs/demo-$T"
+  rm -rf "$OUT/demo-$T"
   # FutureWarnings of third-party packages (torch.distributed internals) go; everything else on stderr stays
   .venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 \
     -m dist_stab.train --config "$CONFIG" \
-    --set "transform.name=$T" "log.name=demo-$T" "log.run_dir=runs/demo-$T" ${SETS[@]+"${SETS[@]}"} \
+    --set "transform.name=$T" "log.name=demo-$T" "log.run_dir=$OUT/demo-$T" ${SETS[@]+"${SETS[@]}"} \
     ${EXTRA[@]+"${EXTRA[@]}"} 2> >(grep -v -e "FutureWarning" -e "warnings.warn" -e "^\s*$" >&2)
-  RUNS+=("runs/demo-$T")
+  RUNS+=("$OUT/demo-$T")
 done
 echo
 echo "=== what each run did, side by side, and what that shows ==="
 PLOT=()
-.venv/bin/python -c "import matplotlib" 2>/dev/null && PLOT=(--plot runs/demo.png)
+.venv/bin/python -c "import matplotlib" 2>/dev/null && PLOT=(--plot "$OUT/demo.png")
 .venv/bin/python -m dist_stab.train.report --summaries --conclusions ${PLOT[@]+"${PLOT[@]}"} "${RUNS[@]}"
 echo "demo wall time: $(( $(date +%s) - start )) s (set-up excluded)"

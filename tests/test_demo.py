@@ -138,7 +138,8 @@ def test_conclusions_are_computed_from_the_runs(tmp_path):
     assert "as the LR reached its peak (warm-up ends at step 10)" in text
     assert "grad-norm spikes: global clipping 3/3; AdaGC 2/3" in text
     assert "The NaN injected at step 40 was skipped in 2 of 2 runs (reason: nonfinite_grad)" in text
-    assert "every method issued 1.00 all-reduce(s) per step, 456 B" in text
+    assert "every method issued 1.00 all-reduce(s) per step, 456 B per step in all" in text
+    assert "naive per-tensor norms (.norm().full_tensor()): 57 call(s), 228 B" in text
     # other numbers, other sentences: the winner, the gap and the unstable run follow the files
     c = _write_run(tmp_path / "c", "adagc", _curve(80, 6.5, jump_at=12, jump=4.0, wiggle=0.03),
                    grad_spikes=(25,), skipped=(), val=6.9, nan_at=None)

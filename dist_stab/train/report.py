@@ -162,7 +162,7 @@ def format_report(rows: List[dict], refs: List[dict], title: str = "communicatio
     for r in rows:
         lines.append(f"  {r['tag']:<34} {r['op']:<4} {r['group'][:22]:<22} {r['calls_per_step']:>10.2f} "
                      f"{_fmt_bytes(r['bytes_per_step']):>11}")
-    if refs:
+    if refs and world > 1:  # one process: nothing to compare (every alternative issues nothing either)
         lines.append("  for comparison, measured with torch's CommDebugMode on the same model and mesh:")
         for r in refs:
             calls = "-" if r["calls_per_step"] is None else f"{r['calls_per_step']:.0f}"
@@ -424,10 +424,10 @@ def conclusions(run_dirs) -> List[str]:
     if len(comm) == 1:
         calls, nbytes = comm.pop()
         refs = facts[0]["refs"]
-        ref = "; ".join(f"{r['method']}: {r['calls_per_step']} x {_fmt_bytes(r['bytes_per_step'])}" for r in refs
+        ref = "; ".join(f"{r['method']}: {r['calls_per_step']} call(s), {_fmt_bytes(r['bytes_per_step'])}" for r in refs
                         if r["calls_per_step"] is not None)
         out.append(f"Communication: every method issued {calls:.2f} all-reduce(s) per step, "
-                   f"{_fmt_bytes(nbytes)} in all" + (f" (measured alternatives: {ref})." if ref else "."))
+                   f"{_fmt_bytes(nbytes)} per step in all" + (f" (measured alternatives: {ref})." if ref else "."))
     else:
         out.append("Communication per step: " + "; ".join(f"{f['label']} {f['calls']:.2f} x, {_fmt_bytes(f['bytes'])}"
                                                           for f in facts) + ".")
