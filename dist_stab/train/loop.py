@@ -461,7 +461,8 @@ class Trainer:
         calls, nbytes = self.tally.totals_per_step()
         mode = f"deepspeed ZeRO-{self.ds_stage}" if self.engine is not None else self.par.mode
         table = report.format_report(rows, refs, title=f"communication report [{cfg.transform.name}, "
-                                                        f"{mode} x{self.world}]", world=self.world)
+                                                        f"{mode} x{self.world}]", world=self.world,
+                                     n_tensors=len(self.transforms[0].fqns) if self.transforms else None)
         self.log(table)
         train_losses = [r["loss"] for r in self.history if "loss" in r]
         summary = {

@@ -151,10 +151,11 @@ def explain_rows(rows: List[dict], world: int, n_tensors: Optional[int] = None) 
 
 
 def format_report(rows: List[dict], refs: List[dict], title: str = "communication report", world: int = 1,
-                  monitor: bool = True) -> str:
+                  monitor: bool = True, n_tensors: Optional[int] = None) -> str:
     """The trainer's end-of-run report: per (tag, op, group) the collectives dist_stab issued per optimizer
-    step (from :data:`dist_stab.comm_log`), the measured alternatives, what each row carries, and a footer
-    for this world size (``monitor``: a SpikeMonitor reduced the loss)."""
+    step (from :data:`dist_stab.comm_log`), the alternatives, what each row carries, and a footer for this
+    world size (``monitor``: a SpikeMonitor reduced the loss). ``n_tensors``: the tensors the transform handles,
+    used where no measured naive per-tensor row counts the sharded ones."""
     lines = [f"{title} (collectives issued by the stability transform, per optimizer step)"]
     lines.append(f"  {'source':<34} {'op':<4} {'group':<22} {'calls/step':>10} {'bytes/step':>11}")
     if not rows:
@@ -163,16 +164,21 @@ def format_report(rows: List[dict], refs: List[dict], title: str = "communicatio
         lines.append(f"  {r['tag']:<34} {r['op']:<4} {r['group'][:22]:<22} {r['calls_per_step']:>10.2f} "
                      f"{_fmt_bytes(r['bytes_per_step']):>11}")
     if refs and world > 1:  # one process: nothing to compare (every alternative issues nothing either)
-        lines.append("  for comparison, measured with torch's CommDebugMode on the same model and mesh:")
+        lines.append("  for comparison, on the same model and mesh:")
         for r in refs:
             calls = "-" if r["calls_per_step"] is None else f"{r['calls_per_step']:.0f}"
             lines.append(f"  {r['method']:<61} {calls:>10} {_fmt_bytes(r['bytes_per_step']):>11}  ({r['note']})")
-    n_tensors = next((r["tensors"] for r in refs if r.get("tensors")), None)
+    n_tensors = next((r["tensors"] for r in refs if r.get("tensors")), None) or n_tensors
     notes = explain_rows(rows, world, n_tensors)
-    if refs and world > 1:
-        notes.append("torch clip_grad_norm_: one all-reduce of the 4-byte total (per mesh), no per-tensor norms; "
-                     "naive per-tensor norms: one collective per sharded tensor. Hundreds of bytes or 4: one "
-                     "all-reduce either way, and at that size its time is the collective's latency")
+    methods = " ".join(r["method"] for r in refs) if world > 1 else ""
+    if "torch clip_grad_norm_" in methods:
+        notes.append("torch clip_grad_norm_ (counted with torch's CommDebugMode): one all-reduce of the 4-byte total "
+                     "per mesh, no per-tensor norms; naive per-tensor norms: one collective per sharded tensor. "
+                     "Hundreds of bytes or 4: one all-reduce either way, and at that size its time is the "
+                     "collective's latency")
+    if "DeepSpeed gradient_clipping" in methods:
+        notes.append("DeepSpeed gradient_clipping: its own global norm, one 4-byte all-reduce per ZeRO param group "
+                     "(what the transform replaces)")
     notes.extend(footer_lines(world, monitor))
     lines.append("  what is counted:")
     for e in notes:
