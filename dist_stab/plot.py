@@ -1,7 +1,8 @@
 """``python -m dist_stab.plot RUN_DIR [RUN_DIR ...] [-o out.png]``: compare training runs on one figure.
 
-Panels: training loss (and validation loss as markers), pre-clip global gradient norm (log
-scale), tensors clipped per step, and learning rate. Reads each run's ``metrics.jsonl`` (written
+Panels: training loss (and validation loss as markers; skipped steps as crosses; injected gradient spikes,
+``train.inject_spike_every``, as dashed lines), pre-clip global gradient norm (log scale), tensors clipped
+per step, and learning rate. Reads each run's ``metrics.jsonl`` (written
 by ``python -m dist_stab.train``); needs matplotlib (the ``train`` extra).
 """
 from __future__ import annotations
@@ -52,6 +53,17 @@ def plot_runs(run_dirs, out: Optional[str] = None, smooth: int = 1, title: Optio
             for b in bad:
                 ax_norm.axvline(b, color=color, ls=":", lw=0.8)
         ax_lr.plot(x, [s["lr"] for s in st], color=color, lw=1.0, label=label)
+        skipped = [s for s in st if s.get("skipped")]
+        if skipped:
+            ax_loss.plot([s["step"] for s in skipped], [s["loss"] if s["loss"] == s["loss"] else float("nan")
+                                                         for s in skipped], "x", color=color, ms=8, mew=2,
+                         label=f"{label} (skipped step)")
+    tr = next((r["config"].get("train", {}) for r in runs if r.get("config")), {})
+    every, last = int(tr.get("inject_spike_every") or 0), max((s["step"] for r in runs for s in r["steps"]), default=0)
+    for k, step in enumerate(range(every, last + 1, every) if every else []):
+        for ax in (ax_loss, ax_norm):
+            ax.axvline(step, color="0.6", ls="--", lw=0.8, label="injected gradient spike" if k == 0 and ax is ax_loss
+                       else None)
     ax_loss.set(title="loss", xlabel="step", ylabel="cross-entropy (nats)")
     ax_norm.set(title="global gradient norm (before the transform)", xlabel="step", yscale="log")
     ax_clip.set(title="tensors clipped per step", xlabel="step")

@@ -174,3 +174,15 @@ def test_run_summary_and_table(tmp_path):
     assert cols[7:11] == ["0", "3", "1", "800"]
     assert "global_clip sum over dp_shard[0, 1]: 1.00/step, 456 B/step" in table
     assert "spike monitor's loss all-reduce" in " ".join(table.split())
+
+
+def test_report_for_deepspeed_uses_the_trainers_tensor_count():
+    refs = [{"method": "DeepSpeed gradient_clipping (global)", "calls_per_step": 2, "bytes_per_step": 8,
+             "note": "one per ZeRO-2 param group / sub-group"}]
+    row = dict(ROW, tag="AdaGC", group="zero_dp[0, 1]", bytes_per_step=168.0)
+    flat = " ".join(format_report([row], refs, world=2, n_tensors=21).split())
+    assert "42 values = 2 per tensor x 21 tensors x 4 B" in flat and "AdaGC clips or rescales" in flat
+    assert "DeepSpeed gradient_clipping: its own global norm" in flat and "CommDebugMode" not in flat
+    # without a tensor count the row is described by its size only
+    flat = " ".join(format_report([row], refs, world=2).split())
+    assert "42 values (x 4 B)" in flat and "per tensor" not in flat
