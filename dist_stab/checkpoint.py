@@ -4,9 +4,10 @@
 
 * model and inner-optimizer state go through ``get_state_dict`` / ``set_state_dict``, keyed by
   parameter FQN, so FSDP2/DTensor shards are resharded on load (saved on 4 ranks, load on 2);
-* a :class:`~dist_stab.wrap.WrappedOptimizer` adds its transforms', spike monitor's and skip
-  counters' state: per-tensor fp32 scalars keyed by FQN and window buffers, replicated on
-  every rank, so any world size can load them;
+* a :class:`~dist_stab.wrap.WrappedOptimizer` goes through the same helpers as any torch optimizer: its state
+  dict is torch's, with the transforms', spike monitor's and skip counters' state in one opaque value keyed by
+  parameter FQN (:mod:`dist_stab.wrap_state`), identical on every rank, so any world size can load it. Checkpoints
+  written before that format (a top-level ``dist_stab`` entry) still load;
 * ``extra``: a flat dict of further state (step counters, RNG states as tensors, ...).
 
 Parameters that never had a gradient (an MoE expert not yet routed): dist_stab's optimizers put the
@@ -28,6 +29,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from . import wrap_state
 from .wrap import WrappedOptimizer
 
 
@@ -37,19 +39,19 @@ def _split(optimizer):
     return optimizer, None
 
 
-def _dist_stab_state(wrapped: Optional[WrappedOptimizer]) -> dict:
-    if wrapped is None:
-        return {}
-    sd = wrapped.state_dict()
-    sd.pop("optimizer")
+def _legacy_template(wrapped: WrappedOptimizer) -> dict:
+    """What checkpoints of the earlier format hold under the top-level ``dist_stab`` key."""
+    sd = {"transforms": [t.state_dict() for t in wrapped.transforms]}
+    if wrapped.monitor is not None:
+        sd["monitor"] = wrapped.monitor.state_dict()
+    if wrapped.skip is not None:
+        sd["skip"] = wrapped.skip.state_dict()
     return sd
 
 
 def save(path: str, model: torch.nn.Module, optimizer, extra: Optional[dict] = None) -> None:
-    inner, wrapped = _split(optimizer)
-    model_sd, optim_sd = get_state_dict(model, inner)
-    state = {"model": model_sd, "optim": optim_sd, "dist_stab": _dist_stab_state(wrapped), "extra": extra or {}}
-    dcp.save(state, checkpoint_id=path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd, "extra": extra or {}}, checkpoint_id=path)
 
 
 def _saved_keys(path) -> Optional[set]:
@@ -105,24 +107,28 @@ def _params_by_fqn(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 def load(path: str, model: torch.nn.Module, optimizer, extra: Optional[dict] = None) -> dict:
     """Load in place; returns the loaded ``extra`` dict."""
     inner, wrapped = _split(optimizer)
-    model_sd, optim_sd = get_state_dict(model, inner)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    saved = _saved_keys(path)
+    legacy = (wrapped is not None and saved is not None and any(k.startswith("dist_stab.") for k in saved)
+              and not any(k.endswith("." + wrap_state.KEY) and k.startswith("optim.param_groups") for k in saved))
+    state = {"model": model_sd, "optim": optim_sd, "extra": extra or {}}
+    if legacy:  # the earlier format: dist_stab's state beside the inner optimizer's, not inside it
+        for g in optim_sd["param_groups"]:
+            g.pop(wrap_state.KEY, None)
+        state["dist_stab"] = _legacy_template(wrapped)
     unsaved = _split_unsaved_state(path, optim_sd, inner)
-    state = {"model": model_sd, "optim": optim_sd, "dist_stab": _dist_stab_state(wrapped), "extra": extra or {}}
     dcp.load(state, checkpoint_id=path)
+    if legacy:
+        old = state["dist_stab"]
+        payload = wrap_state._from_format1({"optimizer": None, "transforms": old["transforms"],
+                                            "monitor": old.get("monitor"), "skip": old.get("skip")})[1]
+        state["optim"]["param_groups"][0][wrap_state.KEY] = wrap_state.encode(payload)
     state["optim"]["state"].update(unsaved)  # placeholders for set_state_dict; emptied below
-    set_state_dict(model, inner, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if unsaved:
         by_fqn = _params_by_fqn(model)
         for fqn in unsaved:
             p = by_fqn.get(fqn)
             if p is not None:
                 inner.state.pop(p, None)
-    if wrapped is not None:
-        ds = state["dist_stab"]
-        for t, sd in zip(wrapped.transforms, ds["transforms"]):
-            t.load_state_dict(sd)
-        if wrapped.monitor is not None:
-            wrapped.monitor.load_state_dict(ds["monitor"])
-        if wrapped.skip is not None:
-            wrapped.skip.load_state_dict(ds["skip"])
     return state["extra"]

@@ -123,10 +123,14 @@ class SkipStep:
         return sorted((int(s), reason_names(r)) for s, r in zip(log, why) if s >= 0)
 
     # ------------------------------------------------------------ optimizer update
-    def step_optimizer(self, optimizer: torch.optim.Optimizer, skip: torch.Tensor, **step_kwargs) -> None:
-        """Step ``optimizer`` unless ``skip``; ``step_kwargs`` go to its ``step`` (e.g. ``grad_factors``)."""
+    def step_optimizer(self, optimizer: torch.optim.Optimizer, skip: torch.Tensor, step_fn=None,
+                       **step_kwargs) -> None:
+        """Step ``optimizer`` unless ``skip``; ``step_kwargs`` go to its ``step`` (e.g. ``grad_factors``).
+        ``step_fn``: what to call instead of ``optimizer.step`` (the wrapper's, which keeps global hooks from
+        firing twice)."""
+        step = step_fn if step_fn is not None else optimizer.step
         if getattr(optimizer, "supports_step_factor", False):
-            optimizer.step(step_factor=(~skip).float(), **step_kwargs)
+            step(step_factor=(~skip).float(), **step_kwargs)
             return
         params = [p for g in optimizer.param_groups for p in g["params"]]
         first = any(len(optimizer.state.get(p, {})) == 0 for p in params if p.grad is not None)
@@ -135,7 +139,7 @@ class SkipStep:
             # host-sync-ok: mode="host_sync"; once before state exists; or an optimizer whose step counters
             # live on the host (dist_stab.optim), which a device-side restore could not roll back
             if not bool(skip):
-                optimizer.step(**step_kwargs)
+                step(**step_kwargs)
             return
         tensors = [_local(p.detach()) for p in params]
         for p in params:
@@ -148,13 +152,13 @@ class SkipStep:
                               "decision is read on the host, one sync per step. Use AdamW(fused=True) for a "
                               "sync-free skip.", RuntimeWarning)
             if not bool(skip):  # host-sync-ok: state on the host cannot be restored from a device decision
-                optimizer.step(**step_kwargs)
+                step(**step_kwargs)
             return
         if len(self._snap) != len(tensors) or any(a.shape != b.shape for a, b in zip(self._snap, tensors)):
             self._snap = [t.clone() for t in tensors]
         else:
             torch._foreach_copy_(self._snap, tensors)
-        optimizer.step(**step_kwargs)
+        step(**step_kwargs)
         tensors_after = [_local(p.detach()) for p in params]
         for p in params:
             tensors_after += [_local(v) for v in optimizer.state[p].values() if torch.is_tensor(v)]

@@ -137,8 +137,12 @@ class SpikeMonitor:
         ``applied`` (device bool): False for a skipped step, whose values stay out of the windows (so a
         skipped spike cannot widen the window and hide the next one). Spikes are counted either way."""
         out = getattr(self, "_pending", None) or {}
-        if out:
-            self.state["steps"] += 1
+        present = [out[f"{n}_present"] for n in SERIES if n in out]
+        if present:  # a step with neither a loss nor a gradient anywhere (a framework's dry step) is not counted
+            any_present = present[0]
+            for q in present[1:]:
+                any_present = any_present | q
+            self.state["steps"] += any_present.long()
         for name in SERIES:
             if name not in out:
                 continue
@@ -169,7 +173,13 @@ class SpikeMonitor:
         return {"window": self.window, "sigma": self.sigma, "min_history": self.min_history,
                 "state": {k: v.detach().clone() for k, v in self.state.items()}}
 
+    def check_loadable(self, sd: dict) -> None:
+        if sd.get("window") != self.window:
+            raise ValueError(f"saved window {sd.get('window')} differs from this monitor's {self.window}")
+        missing = {f"{s}_{k}" for s in SERIES for k in ("buf", "count", "spikes")} - set(sd.get("state", {}))
+        if missing:
+            raise ValueError(f"saved monitor state lacks {sorted(missing)}")
+
     def load_state_dict(self, sd: dict) -> None:
-        if sd["window"] != self.window:
-            raise ValueError(f"saved window {sd['window']} differs from this monitor's {self.window}")
+        self.check_loadable(sd)
         self.state = {k: torch.as_tensor(v).clone() for k, v in sd["state"].items()}

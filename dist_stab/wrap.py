@@ -35,6 +35,7 @@ transform itself is not changed: used alone afterwards, it scales gradients as u
 from __future__ import annotations
 
 import operator
+import warnings
 import weakref
 from collections import OrderedDict
 from itertools import chain
@@ -42,6 +43,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import wrap_state
 from .spikes import reduce_loss_pair
 
 _PARAMS = operator.itemgetter("params")
@@ -62,6 +64,59 @@ class _Names:
 
     def prune(self) -> None:
         self._by_id = {k: v for k, v in self._by_id.items() if v[0]() is not None}
+
+
+class PreClipDetector:
+    """Warns once when the gradients reaching the transforms were evidently clipped already: the global norm
+    equals the previous step's (relative 1e-5) on ``repeats`` consecutive steps, which a real gradient norm
+    never does, while one that a framework clipped to its threshold (HF Trainer's ``max_grad_norm=1.0``,
+    Lightning's ``gradient_clip_val``, torchtitan's ``clip_grad_norm_``) does on every step it clips.
+
+    Device side: a counter updated with ``torch.where``. Its value reaches the host without a sync: on CPU it is
+    read directly, on CUDA copied to pinned memory and read at the next step once the copy has landed."""
+
+    def __init__(self, repeats: int = 3, rtol: float = 1e-5):
+        self.repeats, self.rtol = repeats, rtol
+        self.prev = None
+        self.run = None
+        self.warned = False
+        self._pending = None
+
+    def update(self, norm: torch.Tensor, who: str) -> None:
+        if self.warned:
+            return
+        self._check(who)
+        norm = norm.detach().float().reshape(())
+        if self.prev is None or self.prev.device != norm.device:
+            self.prev, self.run = norm.clone(), torch.zeros((), dtype=torch.int64, device=norm.device)
+            return
+        same = (norm > 0) & torch.isfinite(norm) & ((norm - self.prev).abs() <= self.rtol * norm)
+        self.run = torch.where(same, self.run + 1, torch.zeros_like(self.run))
+        self.prev.copy_(norm)
+        if norm.device.type == "cpu":
+            self._warn_if(int(self.run), float(norm), who)  # host-sync-ok: a CPU tensor
+            return
+        host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+        host.copy_(torch.stack([self.run.double(), norm.double()]), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (host, event)
+
+    def _check(self, who: str) -> None:
+        if self._pending is not None and self._pending[1].query():
+            host, _ = self._pending
+            self._pending = None
+            self._warn_if(int(host[0]), float(host[1]), who)
+
+    def _warn_if(self, run: int, norm: float, who: str) -> None:
+        if run + 1 >= self.repeats and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"dist_stab: the gradients reaching {who} have had the same global norm ({norm:.4g}) on {run + 1} "
+                "consecutive steps: something clipped them before the optimizer step (HF Trainer's max_grad_norm, "
+                "Lightning's gradient_clip_val, torchtitan's max_norm, DeepSpeed's gradient_clipping). Turn that off "
+                "so that the transforms see the raw gradients and one clipping owner remains.", RuntimeWarning,
+                stacklevel=4)
 
 
 class WrappedOptimizer(torch.optim.Optimizer):
@@ -91,22 +146,31 @@ class WrappedOptimizer(torch.optim.Optimizer):
         if (skip is not None or self.monitor is not None) and not self.transforms:
             from .transforms import GradNorm
             self._probe = GradNorm()  # binds to every parameter of the optimizer
+        self._preclip = PreClipDetector()
+        self._observed_loss = None
         self._fold_request = fold
         self._fold_index: Optional[List[int]] = None  # optimizer param -> factor position (last: 1.0)
         self._fold_perm: Optional[torch.Tensor] = None
         self._names = _Names()  # any transform's name for an object: for objects a transform does not know
-        self._known: Dict[int, _Names] = {}  # per transform (by id): its own names for objects
+        self._known: Dict[int, _Names] = {}  # per transform (by position): its own names for objects
         self._pos_names: Dict[int, Dict[Tuple[int, int], str]] = {}  # per transform: names by place in the groups
         self._bound_flat: Optional[list] = None
-        for t in self._all_transforms():
+        for i, t in enumerate(self._all_transforms()):
             t.wrapped = True
             if getattr(t, "late_bindable", False):
-                known = self._known.setdefault(id(t), _Names())
+                known = self._known.setdefault(i, _Names())
                 for s in t.shards:
                     known.add(s.param, s.fqn)
                     if self._names.get(s.param) is None:
                         self._names.add(s.param, s.fqn)
         self._sync_binding()
+        self._install_placeholder()
+
+    def _install_placeholder(self) -> None:
+        """DCP's flattened load restores only group keys the live optimizer has (see :mod:`.wrap_state`)."""
+        groups = self.optimizer.param_groups
+        if groups and wrap_state.KEY not in groups[0]:
+            groups[0][wrap_state.KEY] = b""
 
     def _all_transforms(self) -> list:
         return self.transforms + ([self._probe] if self._probe is not None else [])
@@ -120,15 +184,15 @@ class WrappedOptimizer(torch.optim.Optimizer):
             return
         self._rebind(flat)
 
-    def _resolve_names(self, t) -> List[List[str]]:
+    def _resolve_names(self, i: int, t) -> List[List[str]]:
         """A name, in transform ``t``'s naming, for every parameter of every group (module docstring)."""
-        known = self._known.setdefault(id(t), _Names())
+        known = self._known.setdefault(i, _Names())
         module = getattr(t, "_module", None)
         if module is not None:
             for n, p in module.named_parameters(remove_duplicate=False):
                 if known.get(p) is None:
                     known.add(p, n)
-        pos = self._pos_names.get(id(t), {})
+        pos = self._pos_names.get(i, {})
         out = []
         for gi, g in enumerate(self.optimizer.param_groups):
             given = g.get("param_names")
@@ -143,11 +207,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     def _rebind(self, flat: list) -> None:
         groups = self.optimizer.param_groups
-        for t in self._all_transforms():
+        for i, t in enumerate(self._all_transforms()):
             if not getattr(t, "late_bindable", False):
                 self._check_fixed(t, flat)
                 continue
-            names = self._resolve_names(t)
+            names = self._resolve_names(i, t)
             pairs = [(n, p) for g, ns in zip(groups, names) for n, p in zip(ns, g["params"])]
             seen, dup = set(), set()
             for n, _ in pairs:
@@ -170,13 +234,13 @@ class WrappedOptimizer(torch.optim.Optimizer):
                         "optimizer's parameters (or give it none: it then takes all of the optimizer's).")
             mine = pairs if scope is None else [(n, p) for n, p in pairs if n in scope]
             t._bind(_describe(mine))
-            known = self._known[id(t)]
+            known = self._known[i]
             for n, p in pairs:
                 known.add(p, n)
                 if self._names.get(p) is None:
                     self._names.add(p, n)
             known.prune()
-            self._pos_names[id(t)] = {(gi, j): n for gi, ns in enumerate(names) for j, n in enumerate(ns)}
+            self._pos_names[i] = {(gi, j): n for gi, ns in enumerate(names) for j, n in enumerate(ns)}
         self._names.prune()
         self._bound_flat = flat
         self._setup_fold(flat)
@@ -239,10 +303,19 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def state(self, value) -> None:
         self.optimizer.state = value
 
+    def observe_loss(self, loss) -> None:
+        """Give this step's (local) loss to the next ``step()``, for frameworks that call ``step()`` with no
+        arguments (HF Trainer, Accelerate, Lightning): call it after ``backward()``. A loss passed to ``step``
+        itself wins."""
+        self._observed_loss = None if loss is None else torch.as_tensor(loss).detach()
+
     def step(self, closure=None, loss=None):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        observed, self._observed_loss = getattr(self, "_observed_loss", None), None
+        if loss is None:
+            loss = observed
         self._sync_binding()
         snaps = [t.snapshot() for t in self.transforms] if self.skip is not None else None
         stats = []
@@ -255,8 +328,10 @@ class WrappedOptimizer(torch.optim.Optimizer):
             stats.append(self._probe.step())
             self.last_stats["GradNorm"] = stats[-1]
         kw = self._step_kwargs(stats)
+        if self.transforms:
+            self._preclip.update(stats[0]["global_norm"], type(self.transforms[0]).__name__)
         if self.skip is None and self.monitor is None:
-            self.optimizer.step(**kw)
+            self._inner_step(**kw)
             return loss
         first = stats[0]  # the first transform sees the raw gradients: its norm is the pre-clip one
         nonfinite = sum(st["num_nonfinite"] for st in stats) > 0
@@ -271,17 +346,28 @@ class WrappedOptimizer(torch.optim.Optimizer):
             skip = self.skip.decide(nonfinite, obs)
             for t, snap in zip(self.transforms, snaps):
                 t.restore_where(snap, skip)
-            self.skip.step_optimizer(self.optimizer, skip, **kw)
+            self.skip.step_optimizer(self.optimizer, skip, step_fn=self._inner_step, **kw)
             self.skip.record(skip, obs.get("skip_reason"))
             obs["skip"] = skip
             obs["skipped"] = self.skip.skipped
             applied = ~skip
         else:
-            self.optimizer.step(**kw)
+            self._inner_step(**kw)
         if self.monitor is not None:
             obs.update(self.monitor.commit(applied))
         self.last_stats["spikes"] = obs
         return loss
+
+    def _inner_step(self, **kw):
+        """The inner optimizer's step with its own hooks but not the global ones: those fired for this step
+        already (the wrapper is an optimizer too), and must fire once."""
+        import torch.optim.optimizer as topt
+        saved = topt._global_optimizer_pre_hooks, topt._global_optimizer_post_hooks
+        topt._global_optimizer_pre_hooks, topt._global_optimizer_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            return self.optimizer.step(**kw)
+        finally:
+            topt._global_optimizer_pre_hooks, topt._global_optimizer_post_hooks = saved
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -289,29 +375,61 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         self.optimizer.add_param_group(param_group)  # the transforms rebind at the next step
 
+    # ------------------------------------------------------------------ state dict (torch's format, see wrap_state)
     def state_dict(self) -> dict:
-        sd = {"optimizer": self.optimizer.state_dict(), "transforms": [t.state_dict() for t in self.transforms]}
-        if self.monitor is not None:
-            sd["monitor"] = self.monitor.state_dict()
-        if self.skip is not None:
-            sd["skip"] = self.skip.state_dict()
+        """The inner optimizer's state dict (torch's ``{"state", "param_groups"}``); dist_stab's state is the
+        opaque ``param_groups[0]["dist_stab"]`` (:mod:`dist_stab.wrap_state`). State-dict hooks run as torch's."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        self._sync_binding()
+        sd = self.optimizer.state_dict()
+        groups = [dict(g) for g in sd["param_groups"]]
+        if groups:
+            groups[0][wrap_state.KEY] = wrap_state.encode(wrap_state.payload_of(self))
+        sd = {**sd, "param_groups": groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            out = post_hook(self, sd)
+            if out is not None:
+                sd = out
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict["transforms"]
-        if len(saved) != len(self.transforms):
-            raise ValueError(f"checkpoint has {len(saved)} transforms, this optimizer has {len(self.transforms)}")
+        """Load a state dict of :meth:`state_dict` (or of the earlier ``{"optimizer", "transforms", ...}`` format,
+        or a plain optimizer's). Everything is checked before anything changes; resume rule: :mod:`.wrap_state`."""
+        sd = state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = pre_hook(self, sd)
+            if out is not None:
+                sd = out
+        inner_sd, payload = wrap_state.split(sd)
         self._sync_binding()
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        for t, sd in zip(self.transforms, saved):
-            t.load_state_dict(sd)
-        if self.monitor is not None and "monitor" in state_dict:
-            self.monitor.load_state_dict(state_dict["monitor"])
-        if self.skip is not None and "skip" in state_dict:
-            self.skip.load_state_dict(state_dict["skip"])
+        todo = wrap_state.plan_load(self, payload)
+        self.optimizer.load_state_dict(inner_sd)
+        for component, saved, kw in todo:
+            component.load_state_dict(saved, **kw)
+        self._install_placeholder()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # ------------------------------------------------------------------ copies (deepcopy, pickle, torch.save)
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        for k in ("_names", "_known"):  # weak references; rebuilt from the positions at the next step
+            d[k] = None
+        d["_bound_flat"] = None
+        d["_fold_perm"] = None
+        d["_preclip"] = PreClipDetector()
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._names = _Names()
+        self._known = {}
+        self._patch_step_function()
 
     def __repr__(self) -> str:
-        inner = "\n  ".join(repr(self.optimizer).splitlines())
+        inner = "\n  ".join(line for line in repr(self.optimizer).splitlines()
+                             if not line.strip().startswith(wrap_state.KEY + ":"))
         return f"WrappedOptimizer(\n  {inner},\n  transforms={[type(t).__name__ for t in self.transforms]})"
 
 

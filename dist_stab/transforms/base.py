@@ -84,6 +84,16 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}")
 
 
+_WRAPPER_PARTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def canonical_fqn(fqn: str) -> str:
+    """A parameter name without the segments wrappers add (DDP's ``module.``, torch.compile's ``_orig_mod.``,
+    FSDP1's and activation checkpointing's), so state saved under one wrapping loads under another."""
+    parts = [p for p in fqn.split(".") if p not in _WRAPPER_PARTS]
+    return ".".join(parts) if parts else fqn
+
+
 class PresenceError(RuntimeError):
     """A parameter has a gradient on some ranks of the group that completes it and not on others."""
 
@@ -383,8 +393,9 @@ class GradTransform:
             if not self.wrapped:
                 raise StaleBindingError(
                     f"{type(self).__name__} has no parameters: pass them (a module or a fresh "
-                    "model.named_parameters(); a generator the optimizer consumed is empty), or use it inside "
-                    "dist_stab.wrap(), which binds it to the optimizer's parameters")
+                    "model.named_parameters(); a generator the optimizer consumed is empty), use it inside "
+                    "dist_stab.wrap(), which binds it to the optimizer's parameters, or, for a copy (deepcopy, "
+                    "pickle), call bind(params)")
             return self._empty_stats()
         apply = self.apply_factors if apply is None else apply
         held = self._held_prep() if self.persistent_grads else None
@@ -491,21 +502,34 @@ class GradTransform:
             sd["shard_local_world"] = dist.get_world_size()
         return sd
 
-    def load_state_dict(self, sd: dict, strict: bool = True) -> None:
+    def missing_in(self, sd: dict) -> List[str]:
+        """Trainable bound parameters of which ``sd`` holds no state (names compared as :func:`canonical_fqn`)."""
+        saved = {canonical_fqn(f) for f in sd.get("per_tensor", {})}
+        return [f for f, s in zip(self.fqns, self.shards)
+                if canonical_fqn(f) not in saved and getattr(s.param, "requires_grad", True)]
+
+    def check_loadable(self, sd: dict, strict: bool = True) -> None:
+        """Raise if :meth:`load_state_dict` would (nothing changes here)."""
         if sd.get("type") != type(self).__name__:
             raise ValueError(f"state of a {sd.get('type')} cannot load into {type(self).__name__}")
         if sd.get("mode") != self.mode:
             raise ValueError(f"state saved in mode {sd.get('mode')!r}, this transform runs {self.mode!r}")
+        if "per_tensor" not in sd or "num_steps" not in sd:
+            raise ValueError(f"{type(self).__name__} state lacks 'per_tensor' or 'num_steps'")
         if self.mode == "shard_local" and "shard_local_world" in sd and dist.is_initialized():
             if sd["shard_local_world"] != dist.get_world_size() or sd["shard_local_rank"] != dist.get_rank():
                 raise ValueError("shard_local state is per rank and cannot move to another rank or world size")
-        per_tensor = sd["per_tensor"]
-        missing = [f for f, s in zip(self.fqns, self.shards)
-                   if f not in per_tensor and getattr(s.param, "requires_grad", True)]
+        missing = self.missing_in(sd)
         if strict and missing:
             raise KeyError(f"saved state lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        where = {f: i for i, f in enumerate(self.fqns)}
+
+    def load_state_dict(self, sd: dict, strict: bool = True) -> None:
+        """Load :meth:`state_dict` output. ``strict=False``: a bound parameter the state lacks starts fresh."""
+        self.check_loadable(sd, strict)
+        per_tensor = sd["per_tensor"]
+        where = {canonical_fqn(f): i for i, f in enumerate(self.fqns)}  # DDP's "module.", compile's "_orig_mod."
         for fqn, st in per_tensor.items():
+            fqn = canonical_fqn(fqn)
             vals = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in st.items()}
             if fqn in where:
                 for k, v in vals.items():
@@ -514,3 +538,24 @@ class GradTransform:
             else:
                 self._unbound[fqn] = vals  # a parameter bound later (added, unfrozen) picks it up
         self._load_scalar_state(sd)
+
+    # ----------------------------------------------------------------- copies (deepcopy, pickle, torch.save)
+    _TRANSIENT = ("_prepared", "_held", "_pending", "_layout", "_max_layout", "_params")
+
+    def __getstate__(self) -> dict:
+        """Shard descriptions hold closures and caches hold weak references: a copy keeps the names and
+        state and binds again (inside wrap(): at its next step; alone: from its module, or ``bind()``)."""
+        d = dict(self.__dict__)
+        for k in self._TRANSIENT:
+            d[k] = None
+        d["_consts"] = {}
+        d["shards"] = []
+        d["names_by_id"] = {}
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        d.pop("_copied_shards", None)
+        self.__dict__.update(d)
+        self._dtensor = False
+        if self._module is not None and self.late_bindable and not self.wrapped:
+            self.bind(self._module)  # alone, built from a module: bind to the copy's own module
