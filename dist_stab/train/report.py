@@ -174,8 +174,8 @@ def format_report(rows: List[dict], refs: List[dict], title: str = "communicatio
     if "torch clip_grad_norm_" in methods:
         notes.append("torch clip_grad_norm_ (counted with torch's CommDebugMode): one all-reduce of the 4-byte total "
                      "per mesh, no per-tensor norms; naive per-tensor norms: one collective per sharded tensor. "
-                     "Hundreds of bytes or 4: one all-reduce either way, and at that size its time is the "
-                     "collective's latency")
+                     "Hundreds of bytes or 4: one all-reduce either way, whose time at that size is mostly its "
+                     "latency (the alpha-beta model, docs/benchmarks.md section 4)")
     if "DeepSpeed gradient_clipping" in methods:
         notes.append("DeepSpeed gradient_clipping: its own global norm, one 4-byte all-reduce per ZeRO param group "
                      "(what the transform replaces)")
