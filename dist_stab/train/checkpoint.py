@@ -60,19 +60,31 @@ def save(ckpt_dir: Path, step: int, model, optimizer, transforms: List, keep: in
     return path
 
 
-def load(path: Path, model, optimizer, transforms: List) -> int:
+def _setup_of(config: dict) -> dict:
+    return {"optimizer": (config.get("optim") or {}).get("name"), "transform": (config.get("transform") or {}).get("name")}
+
+
+def load(path: Path, model, optimizer, transforms: List, expect: Optional[dict] = None) -> int:
     """Load a checkpoint into the (already parallelised) model, optimizer and transforms; return its step.
 
+    ``expect``: ``{"optimizer": name, "transform": name}`` of this run; a checkpoint written with another
+    optimizer or transform is refused before anything is loaded, naming both.
     After a DCP load into DTensors, end the process with ``os._exit`` (cpu-stack.md §1a).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    tr = torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
+    saved = _setup_of((tr.get("extra") or {}).get("config") or {})
+    if expect is not None and saved["optimizer"] is not None and saved != expect:
+        raise ValueError(f"checkpoint {path} was written by a run with optimizer {saved['optimizer']!r} and transform "
+                         f"{saved['transform']!r}; this run has optimizer {expect['optimizer']!r} and transform "
+                         f"{expect['transform']!r}. Give this run its own log.name (or checkpoint.dir), or set "
+                         "checkpoint.resume=false.")
     msd, osd = get_state_dict(model, optimizer)
     sd = {"model": msd, "optim": osd}
     dcp.load(sd, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    tr = torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
     if len(tr["transforms"]) != len(transforms):
         raise ValueError(f"checkpoint has {len(tr['transforms'])} transforms, this run has {len(transforms)}")
     for t, s in zip(transforms, tr["transforms"]):

@@ -86,7 +86,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         t = cfg.transform.name
         stem = Path(cfg.config_path).stem if cfg.config_path else "run"
-        self.name = cfg.log.name or f"{stem}-{t}"
+        self.name = cfg.log.name or f"{stem}-{cfg.optim.name}-{t}"  # runs of other optimizers never share a folder
         self.run_dir = Path(cfg.log.run_dir or Path("runs") / self.name)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         if self.is_main:
@@ -152,7 +152,8 @@ class Trainer:
             if path is not None and self.engine is not None:
                 self.step = checkpoint.load_deepspeed(path, self.engine, self.stateful)
             elif path is not None:
-                self.step = checkpoint.load(path, self.model, self.inner_opt, self.stateful)
+                self.step = checkpoint.load(path, self.model, self.inner_opt, self.stateful,
+                                            expect={"optimizer": cfg.optim.name, "transform": cfg.transform.name})
             if path is not None:
                 self.loaded_checkpoint = str(path)
                 self.log(f"resumed from {path} at step {self.step}")
