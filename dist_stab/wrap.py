@@ -68,8 +68,9 @@ class _Names:
 
 class PreClipDetector:
     """Warns once when the gradients reaching the transforms were evidently clipped already: the global norm
-    equals the previous step's (relative 1e-5) on ``repeats`` consecutive steps, which a real gradient norm
-    never does, while one that a framework clipped to its threshold (HF Trainer's ``max_grad_norm=1.0``,
+    equals the previous step's (relative 1e-5) while the per-tensor norms moved, on ``repeats`` consecutive
+    steps, which a real gradient norm never does, while one that a framework clipped to its threshold
+    (HF Trainer's ``max_grad_norm=1.0``,
     Lightning's ``gradient_clip_val``, torchtitan's ``clip_grad_norm_``) does on every step it clips.
 
     Device side: a counter updated with ``torch.where``. Its value reaches the host without a sync: on CPU it is
@@ -77,22 +78,28 @@ class PreClipDetector:
 
     def __init__(self, repeats: int = 3, rtol: float = 1e-5):
         self.repeats, self.rtol = repeats, rtol
-        self.prev = None
+        self.prev = self.prev_norms = None
         self.run = None
         self.warned = False
         self._pending = None
 
-    def update(self, norm: torch.Tensor, who: str) -> None:
+    def update(self, norm: torch.Tensor, norms: torch.Tensor, who: str) -> None:
         if self.warned:
             return
         self._check(who)
         norm = norm.detach().float().reshape(())
-        if self.prev is None or self.prev.device != norm.device:
-            self.prev, self.run = norm.clone(), torch.zeros((), dtype=torch.int64, device=norm.device)
+        norms = norms.detach().float()
+        if self.prev is None or self.prev.device != norm.device or self.prev_norms.shape != norms.shape:
+            self.prev, self.prev_norms = norm.clone(), norms.clone()
+            self.run = torch.zeros((), dtype=torch.int64, device=norm.device)
             return
-        same = (norm > 0) & torch.isfinite(norm) & ((norm - self.prev).abs() <= self.rtol * norm)
+        # the same global norm while the gradients changed (some per-tensor norm moved by > 1e-3 of the total):
+        # stepping twice on the same gradients, lr 0, or a constant gradient is not a clip
+        moved = (norms - self.prev_norms).abs().max() > 1e-3 * norm if norms.numel() else torch.zeros_like(norm > 0)
+        same = (norm > 0) & torch.isfinite(norm) & ((norm - self.prev).abs() <= self.rtol * norm) & moved
         self.run = torch.where(same, self.run + 1, torch.zeros_like(self.run))
         self.prev.copy_(norm)
+        self.prev_norms.copy_(norms)
         if norm.device.type == "cpu":
             self._warn_if(int(self.run), float(norm), who)  # host-sync-ok: a CPU tensor
             return
@@ -184,8 +191,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
             return
         self._rebind(flat)
 
-    def _resolve_names(self, i: int, t) -> List[List[str]]:
-        """A name, in transform ``t``'s naming, for every parameter of every group (module docstring)."""
+    def _resolve_names(self, i: int, t) -> List[Tuple[str, torch.Tensor]]:
+        """(name, param) in transform ``t``'s naming for every distinct parameter of the groups (module docstring).
+
+        Names the transform knows for the object come first, then torch's ``param_names``; the name the previous
+        object at the same place had (a swap) only where no other parameter claims it; else the place itself."""
         known = self._known.setdefault(i, _Names())
         module = getattr(t, "_module", None)
         if module is not None:
@@ -193,26 +203,32 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 if known.get(p) is None:
                     known.add(p, n)
         pos = self._pos_names.get(i, {})
-        out = []
+        seen_ids, slots = set(), []
         for gi, g in enumerate(self.optimizer.param_groups):
             given = g.get("param_names")
-            names = []
             for j, p in enumerate(g["params"]):
-                name = known.get(p) or pos.get((gi, j)) or self._names.get(p)
-                if name is None:
-                    name = given[j] if given is not None and j < len(given) else f"param_groups.{gi}.{j}"
-                names.append(name)
-            out.append(names)
-        return out
+                if id(p) in seen_ids:
+                    continue  # a parameter listed twice (torch allows it) is transformed once
+                seen_ids.add(id(p))
+                name = known.get(p) or self._names.get(p)
+                if name is None and given is not None and j < len(given):
+                    name = given[j]
+                slots.append([gi, j, p, name])
+        claimed = {sl[3] for sl in slots if sl[3] is not None}
+        for sl in slots:
+            if sl[3] is None:
+                carried = pos.get((sl[0], sl[1]))
+                sl[3] = carried if carried is not None and carried not in claimed else f"param_groups.{sl[0]}.{sl[1]}"
+                claimed.add(sl[3])
+        return [(name, p) for _, _, p, name in slots]
 
     def _rebind(self, flat: list) -> None:
-        groups = self.optimizer.param_groups
         for i, t in enumerate(self._all_transforms()):
             if not getattr(t, "late_bindable", False):
                 self._check_fixed(t, flat)
                 continue
-            names = self._resolve_names(i, t)
-            pairs = [(n, p) for g, ns in zip(groups, names) for n, p in zip(ns, g["params"])]
+            slots = self._resolve_names(i, t)
+            pairs = [(n, p) for n, p in slots]
             seen, dup = set(), set()
             for n, _ in pairs:
                 (dup if n in seen else seen).add(n)
@@ -240,7 +256,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 if self._names.get(p) is None:
                     self._names.add(p, n)
             known.prune()
-            self._pos_names[i] = {(gi, j): n for gi, ns in enumerate(names) for j, n in enumerate(ns)}
+            where = {id(p): n for n, p in pairs}
+            self._pos_names[i] = {(gi, j): where[id(p)] for gi, g in enumerate(self.optimizer.param_groups)
+                                  for j, p in enumerate(g["params"])}
         self._names.prune()
         self._bound_flat = flat
         self._setup_fold(flat)
@@ -329,7 +347,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
             self.last_stats["GradNorm"] = stats[-1]
         kw = self._step_kwargs(stats)
         if self.transforms:
-            self._preclip.update(stats[0]["global_norm"], type(self.transforms[0]).__name__)
+            self._preclip.update(stats[0]["global_norm"], stats[0]["norms"], type(self.transforms[0]).__name__)
         if self.skip is None and self.monitor is None:
             self._inner_step(**kw)
             return loss
@@ -403,11 +421,12 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 sd = out
         inner_sd, payload = wrap_state.split(sd)
         self._sync_binding()
-        todo = wrap_state.plan_load(self, payload)
+        todo, notes = wrap_state.plan_load(self, payload)
         self.optimizer.load_state_dict(inner_sd)
         for component, saved, kw in todo:
             component.load_state_dict(saved, **kw)
         self._install_placeholder()
+        wrap_state.warn_notes(notes)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -107,7 +107,8 @@ def _from_format1(sd: dict) -> tuple:
 
 
 def plan_load(wrapper, payload: Optional[dict]) -> List[tuple]:
-    """What to load into which component, checked before anything changes: (component, state, kwargs) triples."""
+    """What to load into which component, checked before anything changes: ((component, state, kwargs) triples,
+    notes for the warning given once the load succeeded)."""
     if payload is None:
         payload = {"transforms": {}, "monitor": None, "skip": None}
         missing_all = True
@@ -145,6 +146,9 @@ def plan_load(wrapper, payload: Optional[dict]) -> List[tuple]:
     if missing_all and (wrapper.transforms or wrapper.monitor is not None or wrapper.skip is not None):
         notes = ["the checkpoint holds no dist_stab state (a plain optimizer's): transforms, monitor and skip "
                  "policy start fresh"]
+    return todo, notes
+
+
+def warn_notes(notes: List[str]) -> None:
     if notes:
         warnings.warn("dist_stab resume: " + "; ".join(notes), RuntimeWarning, stacklevel=3)
-    return todo

@@ -190,7 +190,7 @@ class GradTransform:
         dev = self._device or torch.device("cpu")
         self.state = {k: torch.full((P,), v, dtype=torch.float32, device=dev) for k, v in self.state_init.items()}
         for i, f in enumerate(self.fqns):
-            saved = self._unbound.pop(f, None)
+            saved = self._unbound.pop(f, None) or self._unbound.pop(canonical_fqn(f), None)
             if saved is not None:
                 for k, v in saved.items():
                     if k in self.state:
@@ -502,11 +502,29 @@ class GradTransform:
             sd["shard_local_world"] = dist.get_world_size()
         return sd
 
+    def _match(self, per_tensor: dict) -> Tuple[Dict[int, dict], Dict[str, dict]]:
+        """(bound index -> saved entry, saved entries of names not bound now). Names are compared as
+        :func:`canonical_fqn`; when no name matches but the counts do (state saved by an optimizer built with
+        ``named_parameters()`` loaded into one built without, or the reverse), entries are matched in order."""
+        saved = [(canonical_fqn(f), st) for f, st in per_tensor.items()]
+        cur = [canonical_fqn(f) for f in self.fqns]
+        names = {f for f, _ in saved}
+        if cur and len(saved) == len(cur) and not names.intersection(cur):
+            return {i: st for i, (_, st) in enumerate(saved)}, {}
+        where = {f: i for i, f in enumerate(cur)}
+        hit, rest = {}, {}
+        for f, st in saved:
+            if f in where:
+                hit[where[f]] = st
+            else:
+                rest[f] = st
+        return hit, rest
+
     def missing_in(self, sd: dict) -> List[str]:
-        """Trainable bound parameters of which ``sd`` holds no state (names compared as :func:`canonical_fqn`)."""
-        saved = {canonical_fqn(f) for f in sd.get("per_tensor", {})}
-        return [f for f, s in zip(self.fqns, self.shards)
-                if canonical_fqn(f) not in saved and getattr(s.param, "requires_grad", True)]
+        """Trainable bound parameters of which ``sd`` holds no state."""
+        hit, _ = self._match(sd.get("per_tensor", {}))
+        return [f for i, (f, s) in enumerate(zip(self.fqns, self.shards))
+                if i not in hit and getattr(s.param, "requires_grad", True)]
 
     def check_loadable(self, sd: dict, strict: bool = True) -> None:
         """Raise if :meth:`load_state_dict` would (nothing changes here)."""
@@ -526,17 +544,13 @@ class GradTransform:
     def load_state_dict(self, sd: dict, strict: bool = True) -> None:
         """Load :meth:`state_dict` output. ``strict=False``: a bound parameter the state lacks starts fresh."""
         self.check_loadable(sd, strict)
-        per_tensor = sd["per_tensor"]
-        where = {canonical_fqn(f): i for i, f in enumerate(self.fqns)}  # DDP's "module.", compile's "_orig_mod."
-        for fqn, st in per_tensor.items():
-            fqn = canonical_fqn(fqn)
-            vals = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in st.items()}
-            if fqn in where:
-                for k, v in vals.items():
-                    if k in self.state:
-                        self.state[k][where[fqn]] = v.to(self.state[k].device)
-            else:
-                self._unbound[fqn] = vals  # a parameter bound later (added, unfrozen) picks it up
+        hit, rest = self._match(sd["per_tensor"])
+        for i, st in hit.items():
+            for k, v in st.items():
+                if k in self.state:
+                    self.state[k][i] = torch.as_tensor(v, dtype=torch.float32).to(self.state[k].device)
+        for fqn, st in rest.items():  # a parameter bound later (added, unfrozen) picks it up
+            self._unbound[fqn] = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in st.items()}
         self._load_scalar_state(sd)
 
     # ----------------------------------------------------------------- copies (deepcopy, pickle, torch.save)
