@@ -33,5 +33,10 @@ setup(
         "train": ["tokenizers==0.23.3", "PyYAML==6.0.3", "matplotlib==3.11.2", "tensorboard==2.21.0", "tqdm==4.70.1"],
         "deepspeed": ["deepspeed==0.19.8"],
         "megatron": ["megatron-core==0.16.1"],
+        # dist_stab.integrations and its tests; tyro..einops are what torchtitan 0.3.0's components import:
+        # tests/run.sh installs torchtitan itself with --no-deps (its datasets/wandb/huggingface_hub pins are
+        # not needed by its components and clash with transformers 5.25's)
+        "integrations": ["transformers==5.25.0", "accelerate==1.16.0", "lightning==2.6.6",
+                         "tyro==1.0.17", "spmd_types==0.2.3", "torch_checkpointing==0.1.1", "einops==0.8.2"],
     },
 )

@@ -15,6 +15,7 @@ if ! command -v mpirun >/dev/null 2>&1; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,deepspeed,megatron]"
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,deepspeed,megatron,integrations]"
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps torchtitan==0.3.0  # components only (see setup.py)
 export OMP_NUM_THREADS=1
 exec .venv/bin/python -m pytest tests -q -p no:cacheprovider --timeout=600 "$@"

@@ -207,3 +207,12 @@ def test_accelerate_gradient_accumulation_equals_plain_loop():
         assert norm == pytest.approx(n, rel=1e-4) and loss == pytest.approx(l, rel=1e-5)
     for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_importing_dist_stab_imports_no_framework():
+    import subprocess
+    import sys
+    code = ("import sys, dist_stab, dist_stab.integrations; "
+            "print(sorted(m for m in ('transformers', 'accelerate', 'lightning', 'torchtitan') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
