@@ -54,7 +54,7 @@ def test_zero_1_2_3_match_single_process_and_resume(cache_dir, reference, tmp_pa
             [row] = s["comm"]
             assert (row["tag"], row["op"], row["calls_per_step"]) == ("AdaGC", "sum", 1)
             assert row["group"].startswith("zero") and row["group_size"] == 2
-            assert row["bytes_per_step"] == 4 * (2 * 9 + 3)  # one fp32 per tensor of tiny-test
+            assert row["bytes_per_step"] == 8 * (2 * 9 + 3)  # (sum of squares, presence) per tensor of tiny-test
     for out in outs:  # resumed from the stage-3 checkpoint of step 3: steps 4..6 as uninterrupted
         r = out["resumed"]
         assert sorted(r["losses"]) == [4, 5, 6] and r["summary"]["resumed_from"].endswith("step_0000003")
