@@ -16,17 +16,7 @@ import dist_stab as ds
 from dist_stab import wrap_state
 from dist_stab.optim import AdamW as DsAdamW
 from dist_launcher import run_dist
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = nn.Linear(8, 6)
-        self.b = nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
+from test_binding_single import Net
 
 
 def loss_of(model, step):
