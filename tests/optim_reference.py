@@ -15,11 +15,15 @@ def _cos(x: float, T: int, lo: float, hi: float) -> float:
 
 
 class RefSCALE:
-    """Authors' SCALE: matrices / embedding / last layer / 1-D AdamW (scale_optimizer.py)."""
+    """Authors' SCALE: matrices / embedding / last layer / 1-D AdamW (scale_optimizer.py).
+
+    ``transposed[i]``: parameter i is a 2-D weight stored ``[in, out]`` (transformers' Conv1D): the scales are
+    taken per output unit, i.e. per column (per row for an embedding stored ``[d, vocab]``)."""
 
     def __init__(self, params, kinds, lr=1e-3, beta=0.9, weight_decay=0.0, adam_lr=None, adam_betas=(0.9, 0.999),
-                 eps=1e-8):
+                 eps=1e-8, transposed=None):
         self.params, self.kinds = list(params), list(kinds)
+        self.transposed = list(transposed) if transposed is not None else [False] * len(self.params)
         self.lr, self.max_lr, self.beta, self.wd, self.eps = lr, lr, beta, weight_decay, eps
         self.adam_lr = lr if adam_lr is None else adam_lr
         self.b1, self.b2 = adam_betas
@@ -28,7 +32,7 @@ class RefSCALE:
     @torch.no_grad()
     def step(self, grads, lr=None):
         lr = self.lr if lr is None else lr
-        for p, g, kind, st in zip(self.params, grads, self.kinds, self.state):
+        for p, g, kind, st, tr in zip(self.params, grads, self.kinds, self.state, self.transposed):
             if g is None:
                 continue
             if kind in ("matrix", "embedding", "last"):
@@ -37,7 +41,7 @@ class RefSCALE:
                     st["momentum"].lerp_(g, 1 - self.beta)
                     g = st["momentum"]
                 g2 = g.reshape(g.shape[0], -1)
-                dim = 0 if kind == "embedding" else 1
+                dim = 0 if (kind == "embedding") != bool(tr) else 1  # the dim reduced over
                 s = torch.sqrt(torch.mean(g2 * g2, dim=dim, keepdim=True)).clamp_min(self.eps)
                 u = (g2 / s).reshape(p.shape)
                 p.mul_(1 - lr * self.wd)

@@ -55,7 +55,10 @@ def _make_scale(params, **kw):
     if kw.pop("last_layer_first_matrix", False):  # the first 2-D parameter plays the lm_head (momentum)
         flat = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else [
             x[1] if isinstance(x, tuple) else x for x in params]
-        kw["last_layer"] = next((p for p in flat if p.dim() >= 2), None)
+        kw["last_layer"] = next((p for p in flat if p.dim() >= 2), False)
+    # these parameters are often unnamed: SCALE then needs to be told that there is no embedding / lm_head
+    kw.setdefault("embeddings", [])
+    kw.setdefault("last_layer", False)
     return SCALE(params, **kw)
 
 

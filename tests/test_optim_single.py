@@ -296,6 +296,8 @@ def test_tied_embeddings_and_last_layer_detection():
     with pytest.raises(ValueError, match="names no parameter"):
         SCALE(m, last_layer="nope")
     with pytest.warns(UserWarning, match="no last layer"):
+        SCALE([("w", torch.nn.Parameter(torch.zeros(3, 3)))])
+    with pytest.raises(ValueError, match="no name"):  # unnamed, no module: refused (tests/test_scale_models.py)
         SCALE([torch.nn.Parameter(torch.zeros(3, 3))])
 
 

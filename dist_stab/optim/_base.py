@@ -131,7 +131,9 @@ class OptItem:
 
     ``param``/``grad``/``state`` values are plain tensors aliasing the real storage (local
     shape, or 1-D for a flat piece); the core updates ``param`` and ``state`` in place.
-    ``hp`` is the parameter group (read only); ``kind`` is used by SCALE.
+    ``hp`` is the parameter group (read only); ``kind`` and ``transposed`` are used by SCALE
+    (``transposed``: a 2-D weight stored ``[in, out]``, e.g. transformers' ``Conv1D``, whose units are
+    its columns; see :class:`dist_stab.optim.SCALE`).
     """
 
     spec: ShardSpec
@@ -140,6 +142,7 @@ class OptItem:
     state: Dict[str, torch.Tensor]
     hp: dict
     kind: str = ""
+    transposed: bool = False
 
 
 def pack_scalars(rows: Sequence[Sequence[float]], device, dtype, width: int) -> torch.Tensor:
