@@ -553,3 +553,36 @@ def test_fresh_gradient_objects_build_nothing(builds):
     opt.state[m.norm.weight]["step"] = 0  # moved by someone else: the plan reads it again
     step()
     assert builds["plan"] == 5
+
+
+def test_gpt2_triton_row_kernel_leaves_transposed_weights_to_the_torch_path(monkeypatch):
+    """The Triton row kernel (run in Triton's interpreter) normalises rows: it takes GPT-2's Linear lm_head but not
+    the [in, out] Conv1D weights, and the step equals the eager one."""
+    import os
+
+    pytest.importorskip("dist_stab.kernels.scale_rows")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest without CUDA)")
+    from dist_stab.kernels import scale_rows
+
+    taken = []
+    real = scale_rows.Rows.__init__
+
+    def rows(self, key, *a, **k):
+        taken.extend(key)
+        return real(self, key, *a, **k)
+
+    monkeypatch.setattr(scale_rows.Rows, "__init__", rows)
+    out = []
+    for triton in ("1", "0"):
+        monkeypatch.setenv("DIST_STAB_TRITON_CPU", triton)
+        model = gpt2(dtype=torch.float32)
+        opt = SCALE(model, lr=1e-2, weight_decay=0.1, adam_lr=3e-3, fused=False)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(3):  # the same gradients for both runs
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert [(shape, last) for shape, _, last in taken] == [((VOCAB, D), True)]  # the lm_head only
+    assert max(rel(a, b) for a, b in zip(*out)) <= 1e-6
