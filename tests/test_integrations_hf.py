@@ -40,15 +40,16 @@ def _data(n=STEPS * MICRO * ACCUM):
 
 
 def _optimizer(name, model):
-    """The inner optimizer as DistStabTrainer builds it: the Trainer's decay / no-decay groups, with names."""
+    """The inner optimizer as DistStabTrainer builds it: the Trainer's decay / no-decay groups, with names (and, for
+    SCALE, the model)."""
     from transformers import Trainer
     decay = set(Trainer.get_decay_parameter_names(None, model))  # uses no Trainer state
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if (n in decay) == d], "param_names": [n for n, _ in named
                                                                                     if (n in decay) == d],
                "weight_decay": 0.0} for d in (True, False)]
-    if name == "SCALE":
-        return dso.SCALE(groups, lr=2e-2, adam_lr=1e-3)
+    if name == "SCALE":  # module=: GPT-2's Conv1D weights are [in, out], normalised per output unit (column)
+        return dso.SCALE(groups, lr=2e-2, adam_lr=1e-3, module=model)
     return torch.optim.AdamW(groups, lr=1e-3)
 
 

@@ -111,6 +111,9 @@ class DistStabTrainer(Trainer):
         if {"params", "model", "optimizer_dict"} & set(kwargs):
             raise ValueError(f"DistStabTrainer: the optimizer {cls.__name__} builds its own parameter groups; "
                              "pass optimizers=(ds.wrap(...), scheduler) instead")
+        from ..optim import SCALE
+        if isinstance(cls, type) and issubclass(cls, SCALE):
+            kwargs.setdefault("module", opt_model)  # SCALE finds Conv1D (transposed) weights, embeddings, lm_head
         inner = cls(groups, **kwargs)
         if self._ds_transforms or self._ds_skip is not None or self._ds_monitor is not None:
             self.optimizer = ds.wrap(inner, *self._ds_transforms, skip=self._ds_skip, monitor=self._ds_monitor)
