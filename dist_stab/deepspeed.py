@@ -466,7 +466,9 @@ class ZeroOptimizerBridge:
                 for key in per_tensor:
                     local[key] = st[key][j]  # a 0-d view: the core's in-place updates reach the vector
                 kind = self.inner.kind_of(sp.param) if self.kind == "SCALE" else ""
-                items.append(OptItem(sp.spec, flat.narrow(0, pc.offset, pc.numel), grad_of(k, pc), local, group, kind))
+                transposed = self.kind == "SCALE" and self.inner.is_transposed(sp.param)  # a Conv1D: per column
+                items.append(OptItem(sp.spec, flat.narrow(0, pc.offset, pc.numel), grad_of(k, pc), local, group, kind,
+                                     transposed=transposed))
             states.append(st)
         return states, items
 

@@ -252,6 +252,9 @@ def make_dist_optimizer(kind: str, model):
     from dist_stab.optim import SCALE, SPAM, StableSPAM
     if kind == "SCALE":
         return SCALE(named_groups(model), lr=1e-2, beta=0.9, adam_lr=2e-2, eps=1e-8, last_layer="fc2.weight")
+    if kind == "SCALE_T":  # fc1.weight declared stored [in, out] (as GPT-2's Conv1D): normalised per column
+        return SCALE(named_groups(model), lr=1e-2, beta=0.9, adam_lr=2e-2, eps=1e-8, last_layer="fc2.weight",
+                     transposed=["fc1.weight"])
     if kind == "StableSPAM":
         return StableSPAM(named_groups(model), lr=1e-2, gamma1=0.7, gamma2=0.9, theta=0.999, reset_interval=4,
                           total_steps=10, eta_min=0.5, eps=1e-8)

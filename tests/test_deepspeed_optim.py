@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.deepspeed]
 
 TOL = 1e-6
 CASES = [(s, k, None) for s in (1, 2, 3) for k in ("SCALE", "StableSPAM", "SPAM")] + [(3, "StableSPAM", "AdaGC")]
+CASES += [(2, "SCALE_T", None), (3, "SCALE_T", None)]  # a weight stored [in, out] (Conv1D): per-column statistics
 # bf16: ZeRO-1 with fp32 grad accumulation (DeepSpeed's BF16_Optimizer) and ZeRO-3; update within 3e-2
 BF16_CASES = [(1, "SCALE", "fp32"), (3, "SCALE", "bf16")]
 OFFLOAD_CASES = [(2, "StableSPAM")]  # ZeRO-2 + CPU optimizer offload
@@ -55,6 +56,8 @@ def _worker(rank, world):
         out[(stage, kind, tname)] = {
             "err": H.compare(pieces, ref),
             "sensitivity": H.compare(pieces, H.reference(None)),  # vs AdamW: the optimizer really differs
+            # SCALE_T vs plain SCALE: the bridge really hands SCALE the transposed flag
+            "sensitivity_t": H.compare(pieces, H.reference_optim("SCALE")) if kind == "SCALE_T" else None,
             "counts": counts,
             "straddle": {s.fqn: straddling(s) for s in bridge.partitions.shards},
             "groups": len(bridge.members),
@@ -95,16 +98,19 @@ def test_zero_dist_stab_optimizers_match_reference():
         if key[0] == 3:  # the embedding (SCALE: per-column statistics) is cut inside a row too
             assert any(r[key]["straddle"]["embed.weight"] for r in res)
         stage, kind, tname = key
+        if kind == "SCALE_T":
+            assert min(r[key]["sensitivity_t"] for r in res) > 1e3 * TOL
+        tag = "SCALE" if kind == "SCALE_T" else kind
         for r in res:
             log = [(t, op) for t, op, _, _ in r[key]["counts"]["comm_log"]]
-            ours = [x for x in log if x[0] == kind]
+            ours = [x for x in log if x[0] == tag]
             # every ZeRO group is updated in one core call: one batched collective per statistic per step
             if kind == "SPAM":
                 assert ours == []  # element-wise: no collective
-            elif kind == "SCALE":
-                assert ours == [(kind, "sum")]  # per-row (matrices, last layer) + per-column (embedding) sums
+            elif tag == "SCALE":
+                assert ours == [(tag, "sum")]  # per-row (matrices, last layer) + per-column (embedding) sums
             else:
-                assert ours == [(kind, "max"), (kind, "sum")]  # max|g|, then the clipped norm
+                assert ours == [(tag, "max"), (tag, "sum")]  # max|g|, then the clipped norm
             # the transform, or the measure-only GradNorm that replaces DeepSpeed's per-group norm all-reduces
             probe = tname if tname in H.FACTORIES else "GradNorm"
             assert [x for x in log if x[0] == probe] == [(probe, "sum")]
