@@ -104,3 +104,16 @@ def _eq(a, b):
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_eq(x, y) for x, y in zip(a, b))
     return a == b
+
+
+@infos
+@pytest.mark.parametrize("named1", [False, True])
+@pytest.mark.parametrize("named0", [False, True])
+def test_can_load_from_to_named_state_dict(info, named0, named1):
+    G.test_can_load_from_to_named_state_dict(info, named0, named1)
+
+
+@infos
+@pytest.mark.parametrize("named", [False, True])
+def test_save_load_equality_with_weights_only(info, named):
+    G.test_save_load_equality_with_weights_only(info, named)
