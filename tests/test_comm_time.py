@@ -24,7 +24,7 @@ def test_comm_time_counts_and_model_on_two_ranks():
         assert a == b  # every number is MAX-reduced over ranks: one table for the job
         assert a["info"]["tensors"] == 21 and a["info"]["world"] == 2 and a["info"]["backend"] == "gloo"
         ars = [r for r in a["rows"] if r["kind"] == "all_reduce"]
-        assert [(r["group"], r["ranks"], r["bytes"]) for r in ars] == [("world", 2, 4), ("world", 2, 84)]
+        assert [(r["group"], r["ranks"], r["bytes"]) for r in ars] == [("world", 2, 4), ("world", 2, 168)]  # 21 tensors x (sum of squares, presence)
         assert all(r["model_ms"] == allreduce_s(2, r["bytes"], False) * 1e3 and r["ms"] > 0 for r in ars)
         clips = {r["method"]: r for r in a["rows"] if r["kind"] == "clip"}
         assert {k: v["collectives"] for k, v in clips.items()} == {

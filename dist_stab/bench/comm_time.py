@@ -8,7 +8,7 @@ Every rank holds the tensors of ``--shapes`` (LLaMA-1B, as ``dist_stab.bench.cli
 mesh: ``fsdp`` Shard(0) over all ranks; ``tp`` Shard(0) / Shard(1) alternating over all ranks (1-D tensors
 replicated); ``fsdp_tp`` a (world/tp, tp) mesh, Shard(0) over dp and Shard(1) over tp. Gradients are random. Then:
 
-1. bare all-reduces of the sizes the transforms send (4 bytes; one fp32 per tensor) over each process group
+1. bare all-reduces of the sizes the transforms send (8 bytes per tensor: sum of squares and presence) over each process group
    they use, timed, next to ``dist_stab.bench.cost_model.allreduce_s`` for the same size and group (intra-node
    link figures: the model's prediction for one node of GPUs);
 2. one clip step of torch ``clip_grad_norm_`` (foreach), GlobalClip, AdaGC exact (steady: nothing clipped),
@@ -119,7 +119,7 @@ def measure(layout: str = "fsdp", shapes: str = "tiny", iters: int = 20, tp: int
     rows: List[Dict] = []
     for gname, group in groups:
         size = dist.get_world_size(group)
-        for nbytes in (4, 4 * n_tensors):
+        for nbytes in (4, 8 * n_tensors):  # a scalar; the transforms' (sum of squares, presence) vector
             buf = torch.zeros(nbytes // 4, device=device)
             ms = time_ms(lambda: dist.all_reduce(buf, group=group), iters, device)
             rows.append({"kind": "all_reduce", "group": gname, "ranks": size, "bytes": nbytes, "ms": ms,

@@ -11,7 +11,8 @@ Assumptions (printed with the table):
   collective; c0 + 2a = 24 us matches the 2-GPU NVLink 4-byte all-reduce measured on the H200
   host (docs: gpu-stack.md).
 * Layout: TP = 8 inside a node, PP stages across nodes, DP = N / (TP x PP), ZeRO-1/dist-opt
-  sharding over DP. Per-tensor methods reduce a vector of one fp32 per tensor of the stage over
+  sharding over DP. Per-tensor methods reduce a vector of two fp32 per tensor of the stage (sum of squares,
+  presence; StableSPAM: one per statistic) over
   TP and then over the DP shard group; nothing crosses PP. Global methods (global clipping,
   ZClip, AdaGC's 100 warm-up steps) reduce one scalar over the whole grad-stats group
   (DP x TP x PP, as Megatron's distributed optimizer does): every rank waits for every stage.
