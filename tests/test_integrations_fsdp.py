@@ -1,0 +1,102 @@
+"""dist_stab under FSDP2 through Accelerate and through the HF Trainer, 2 gloo ranks on CPU, against the real packages
+(transformers 5.25.0, accelerate 1.16.0; tiny random configs, never a hub download).
+
+Accelerate 1.16.0 does not select FSDP on CPU: ``AcceleratorState.__init__`` sets ``DistributedType.FSDP`` only inside
+``elif self.distributed_type in [MULTI_GPU, MULTI_MLU, MULTI_SDAA, MULTI_MUSA, MULTI_NPU, MULTI_XPU, MULTI_HPU,
+MULTI_NEURON]`` (accelerate/state.py), so ``Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(
+fsdp_version=2))`` on 2 gloo ranks is ``MULTI_CPU``, drops the plugin without a word and wraps the model in DDP
+(``test_accelerate_cpu_drops_the_fsdp_plugin`` pins this, so it fails the day Accelerate changes it). The closest
+thing it can do here: the same Accelerator with its state set to FSDP afterwards (``_force_fsdp2``: two attributes),
+so that ``prepare`` runs Accelerate's real FSDP2 path (``_prepare_fsdp2``: the optimizer's parameters swapped for
+placeholders, ``fsdp2_prepare_model`` = ``fully_shard`` per decoder layer and the root, then
+``fsdp2_switch_optimizer_parameters``), and the Trainer its FSDP2 branches (``is_fsdp_enabled``, optimizer built
+before ``prepare``, Accelerate's FSDP optimizer/model checkpointing). Everything after is unpatched.
+
+References: the single-process plain loop of tests/test_integrations_hf.py (the same wrapper, each optimizer step
+on the same 4 rows as the 2 ranks together).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers is installed by the 'integrations' extra (tests/run.sh)")
+pytest.importorskip("accelerate", reason="accelerate is installed by the 'integrations' extra (tests/run.sh)")
+
+from dist_launcher import run_dist  # noqa: E402
+from test_integrations_hf import MICRO, STEPS, _data, _model, _optimizer, _plain_loop, _transforms  # noqa: E402
+
+pytestmark = pytest.mark.dist
+WORLD = 2
+LAYER = {"llama": "LlamaDecoderLayer", "gpt2": "GPT2Block"}
+
+
+def _force_fsdp2(accelerator, plugin):
+    """Accelerate's state as it is on GPUs with an FSDP2 plugin (module docstring: why CPU needs this)."""
+    from accelerate.utils import DistributedType
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def _full(model):
+    from torch.distributed.tensor import DTensor
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- plain Accelerate
+def _accelerate_worker(rank, world):
+    import dist_stab as ds
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from test_transforms_dist import CollectiveCounter
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=[LAYER["llama"]], reshard_after_forward=True)
+    acc = Accelerator(cpu=True, fsdp_plugin=plugin)
+    unforced = (str(acc.state.distributed_type), getattr(acc.state, "fsdp_plugin", None) is not None)
+    _force_fsdp2(acc, plugin)
+    model = _model("llama")
+    opt = ds.wrap(_optimizer("AdamW", model), *_transforms("AdamW"), skip=ds.SkipStep(), monitor=ds.SpikeMonitor())
+    model, popt = acc.prepare(model, opt)
+    rows = _data()
+    per_step = []
+    for s in range(STEPS):  # rank r takes rows [2r, 2r+2) of the step's 4: the plain loop's batch, split
+        mb = rows[s * MICRO * world + rank * MICRO:s * MICRO * world + (rank + 1) * MICRO]
+        ids, labels = torch.stack([r["input_ids"] for r in mb]), torch.stack([r["labels"] for r in mb])
+        loss = model(input_ids=ids, labels=labels).loss
+        acc.backward(loss)
+        opt.observe_loss(loss.detach())
+        ds.comm_log.clear()
+        with CollectiveCounter() as cc:
+            popt.step()
+        per_step.append({"calls": len(cc.calls), "which": cc.calls, "dt": cc.dtensor_comms, "tags": sorted(r.tag for r in ds.comm_log.records),
+                         "norm": float(opt.last_stats["GradientStabilizer"]["global_norm"]),
+                         "loss": float(opt.last_stats["spikes"]["loss"])})
+        popt.zero_grad()
+    return {"unforced": unforced, "model": type(model).__name__, "inner_is_wrapper": popt.optimizer is opt,
+            "kinds": sorted({s.kind for s in opt.transforms[0].shards}), "steps": per_step,
+            "monitor_steps": int(opt.monitor.state["steps"]), "params": _full(model)}
+
+
+def test_accelerate_fsdp2_two_ranks_equals_plain_loop():
+    """prepare(model, ds.wrap(AdamW, GradientStabilizer)) under Accelerate's FSDP2 path on 2 ranks: the transform binds
+    to the DTensor parameters Accelerate swapped in, issues one collective per step (and the monitor's loss one;
+    nothing else: no DTensor op communicates), and trains equal to the plain loop on the same global batch."""
+    ref_model, ref_losses, ref_norms = _plain_loop("llama", "AdamW")
+    res = run_dist(_accelerate_worker, WORLD, timeout=180)
+    ref = {n: p.detach() for n, p in ref_model.named_parameters()}
+    for r in res:
+        assert r["unforced"] == ("DistributedType.MULTI_CPU", False)  # see the module docstring
+        assert r["model"].startswith("FSDP") and r["inner_is_wrapper"]
+        assert r["kinds"] == ["dtensor"]
+        assert r["monitor_steps"] == STEPS
+        for i, (st, n, l) in enumerate(zip(r["steps"], ref_norms, ref_losses)):
+            assert st["tags"] == ["GradientStabilizer", "SpikeMonitor"], st  # one SUM each
+            # nothing else communicates (no DTensor op), but the first step, where the transform binds late to the
+            # swapped-in parameters, also checks once that both ranks pack the same layout (a MAX, reducer.py)
+            extra = [("all_reduce", "RedOpType.MAX")] if i == 0 else []
+            assert sorted(c[:2] for c in st["which"]) == sorted(
+                [("all_reduce", "RedOpType.SUM")] * 2 + extra), st["which"]
+            assert st["norm"] == pytest.approx(n, rel=1e-6)
+            assert st["loss"] == pytest.approx(l, rel=1e-6)
+        for n, q in ref.items():
+            torch.testing.assert_close(r["params"][n], q, rtol=1e-6, atol=1e-7, msg=n)
