@@ -28,6 +28,7 @@ from test_integrations_hf import MICRO, STEPS, _data, _model, _optimizer, _plain
 
 pytestmark = pytest.mark.dist
 WORLD = 2
+TOL = {"AdamW": 1e-6, "SCALE": 1.5e-5}  # Trainer: max|diff| / max|ref| per tensor; measured 5.2e-7 and 7.6e-6 (SCALE's lr 2e-2)
 LAYER = {"llama": "LlamaDecoderLayer", "gpt2": "GPT2Block"}
 
 
@@ -100,3 +101,81 @@ def test_accelerate_fsdp2_two_ranks_equals_plain_loop():
             assert st["loss"] == pytest.approx(l, rel=1e-6)
         for n, q in ref.items():
             torch.testing.assert_close(r["params"][n], q, rtol=1e-6, atol=1e-7, msg=n)
+
+
+# ----------------------------------------------------------------------------- HF Trainer
+def _fsdp_trainer(kind, opt_name, out, save_steps=None, steps=STEPS):
+    """DistStabTrainer with fsdp="full_shard", fsdp_config={"fsdp_version": 2, ...}: per device 1 row, accumulation 2,
+    2 ranks (each optimizer step on 4 rows: with Accelerate's batch sharding, rows 0-3 for the first step, as the
+    plain loop)."""
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainingArguments
+
+    import dist_stab as ds
+    from dist_stab import optim as dso
+    from dist_stab.integrations.hf import DistStabTrainer
+
+    class FSDP2OnCPU(DistStabTrainer):
+        def _get_train_sampler(self, train_dataset=None):  # the plain loop's order
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            from accelerate.utils import FullyShardedDataParallelPlugin
+            _force_fsdp2(self.accelerator, FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args))
+            self.is_fsdp_enabled = True
+
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=steps,
+        learning_rate=1e-3, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, report_to=[], use_cpu=True,
+        seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch",
+        fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": [LAYER[kind]],
+                                        "reshard_after_forward": True})
+    cls_kw = (dso.SCALE, {"lr": 2e-2, "adam_lr": 1e-3}) if opt_name == "SCALE" else None
+    return FSDP2OnCPU(model=_model(kind), args=args, train_dataset=_data(), optimizer_cls_and_kwargs=cls_kw,
+                      transforms=_transforms(opt_name), skip=ds.SkipStep(), monitor=ds.SpikeMonitor())
+
+
+def _trainer_worker(rank, world, kind, opt_name, out):
+    import warnings
+    trainer = _fsdp_trainer(kind, opt_name, out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    wrapper = trainer.optimizer.optimizer
+    tag = type(wrapper.transforms[0]).__name__
+    logs = [h for h in trainer.state.log_history if f"dist_stab/{tag}/global_norm" in h]
+    return {"model": type(trainer.model_wrapped).__name__, "kinds": sorted({s.kind for s in wrapper.transforms[0].shards}),
+            "max_grad_norm": trainer.args.max_grad_norm, "warned": any("max_grad_norm=1.0" in str(w.message)
+                                                                     for w in caught),
+            "monitor_steps": int(wrapper.monitor.state["steps"]),
+            "norms": [h[f"dist_stab/{tag}/global_norm"] for h in logs], "losses": [h["dist_stab/loss"] for h in logs],
+            "trainer_losses": [h["loss"] for h in logs], "steps": [h["step"] for h in logs],
+            "params": _full(trainer.model)}
+
+
+@pytest.mark.parametrize("kind,opt_name", [("llama", "AdamW"), ("gpt2", "SCALE")])
+def test_trainer_fsdp2_two_ranks_equals_plain_loop(kind, opt_name, tmp_path):
+    """DistStabTrainer (and its callback) under the Trainer's FSDP2 path on 2 ranks, accumulation 2: the wrapper
+    follows Accelerate's swap to the DTensors, max_grad_norm is turned off with a warning, the transform sees the raw
+    norm once per optimizer step, the loss reaches the monitor, and training equals the plain loop. GPT-2 + SCALE:
+    SCALE, built before the swap, keeps its embedding / lm_head / Conv1D facts (hf.follow_param_swap; without it the
+    second step's norm was 1.777 instead of 1.337)."""
+    ref_model, ref_losses, ref_norms = _plain_loop(kind, opt_name)
+    res = run_dist(_trainer_worker, WORLD, kind, opt_name, str(tmp_path), timeout=180)
+    ref = {n: p.detach() for n, p in ref_model.named_parameters()}
+    for r in res:
+        assert r["model"].startswith("FSDP") and r["kinds"] == ["dtensor"]
+        assert r["max_grad_norm"] == 0.0 and r["warned"]  # the callback: one clipping owner
+        assert r["monitor_steps"] == STEPS and r["steps"] == list(range(1, STEPS + 1))
+        assert max(ref_norms) > 1.0  # clipping to 1.0 first would have shown a norm <= 1
+        assert r["norms"] == pytest.approx(ref_norms, rel=1e-6)
+        assert r["losses"] == pytest.approx(ref_losses, rel=1e-6) and r["trainer_losses"] == r["losses"]
+        for n, q in ref.items():
+            a = r["params"][n]
+            if n.endswith("c_attn.bias"):  # GPT-2's key bias: softmax ignores it, its gradient is rounding noise
+                torch.testing.assert_close(a[32:64], q[32:64], rtol=0, atol=1e-6, msg=n)  # that AdamW amplifies
+                a, q = torch.cat([a[:32], a[64:]]), torch.cat([q[:32], q[64:]])
+            err = float((a - q).abs().max() / q.abs().max())
+            assert err <= TOL[opt_name], (n, err)
