@@ -214,3 +214,36 @@ def test_folded_equals_in_place_on_cuda(name):
     assert got_folded and not ref_folded
     for a, b in zip(got, ref):
         assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+
+
+def test_changing_presence_and_preclip_check_do_not_sync_on_cuda():
+    """Issue 16/17 on the GPU: an active set that changes every step (presence uploaded from pinned memory) and the
+    pre-clip detector (read back through pinned memory at a later step) run under sync-debug "error"; the detector
+    still warns, once, when the gradients arrive clipped."""
+    import warnings
+    torch.manual_seed(0)
+    experts = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(6)).cuda()
+    w = ds.wrap(torch.optim.AdamW(experts.parameters(), lr=1e-3, fused=True), ds.AdaGC(experts, warmup_steps=1),
+                skip=ds.SkipStep(), monitor=ds.SpikeMonitor(min_history=2))
+    x = torch.randn(4, 16, device="cuda")
+
+    def grads(step):
+        w.zero_grad(set_to_none=True)
+        sum(experts[e](x).square().mean() for e in range(6) if (step + e) % 3 != 0).backward()
+        torch.nn.utils.clip_grad_norm_(experts.parameters(), 1e-3)  # a framework's clip, below every raw norm
+    for step in range(3):  # first steps build layouts (allowed to sync once)
+        grads(step)
+        w.step(loss=torch.ones((), device="cuda"))
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for step in range(3, 12):
+            grads(step)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                w.step(loss=torch.ones((), device="cuda"))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert len([r for r in rec if "consecutive steps" in str(r.message)]) == 1
+    assert int(w.skip.skipped) == 0
