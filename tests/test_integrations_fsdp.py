@@ -160,8 +160,8 @@ def test_trainer_fsdp2_two_ranks_equals_plain_loop(kind, opt_name, tmp_path):
     """DistStabTrainer (and its callback) under the Trainer's FSDP2 path on 2 ranks, accumulation 2: the wrapper
     follows Accelerate's swap to the DTensors, max_grad_norm is turned off with a warning, the transform sees the raw
     norm once per optimizer step, the loss reaches the monitor, and training equals the plain loop. GPT-2 + SCALE:
-    SCALE, built before the swap, keeps its embedding / lm_head / Conv1D facts (hf.follow_param_swap; without it the
-    second step's norm was 1.777 instead of 1.337)."""
+    SCALE, built before the swap, keeps its embedding / lm_head / Conv1D facts (the optimizers re-key them by position
+    when the parameter objects change; without it the second step's norm was 1.777 instead of 1.337)."""
     ref_model, ref_losses, ref_norms = _plain_loop(kind, opt_name)
     res = run_dist(_trainer_worker, WORLD, kind, opt_name, str(tmp_path), timeout=180)
     ref = {n: p.detach() for n, p in ref_model.named_parameters()}

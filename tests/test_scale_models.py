@@ -586,3 +586,35 @@ def test_gpt2_triton_row_kernel_leaves_transposed_weights_to_the_torch_path(monk
         out.append([p.detach().clone() for p in model.parameters()])
     assert [(shape, last) for shape, _, last in taken] == [((VOCAB, D), True)]  # the lm_head only
     assert max(rel(a, b) for a, b in zip(*out)) <= 1e-6
+
+
+def test_scale_follows_a_parameter_swap_by_position():
+    """Bind late: the parameter objects are replaced at the same places in param_groups (what Accelerate's and the HF
+    Trainer's FSDP2 prepare do); SCALE keeps the embedding / lm_head / [in, out] facts and steps equal to a SCALE
+    built on the new objects."""
+    import copy
+
+    import torch
+    from dist_stab.optim import SCALE
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 16))
+    twin = copy.deepcopy(model)
+    kw = dict(lr=1e-2, embeddings=[model[0].weight], last_layer=model[2].weight, transposed=[model[1].weight])
+    opt = SCALE(list(model.named_parameters()), **kw)
+    for g in opt.param_groups:  # the swap: new objects, same values, same places
+        g["params"] = [torch.nn.Parameter(p.detach().clone()) for p in g["params"]]
+    swapped = [p for g in opt.param_groups for p in g["params"]]
+    ref = SCALE(list(zip([n for n, _ in twin.named_parameters()], twin.parameters())), lr=1e-2,
+                embeddings=[twin[0].weight], last_layer=twin[2].weight, transposed=[twin[1].weight])
+    x = torch.randint(0, 16, (4, 5))
+    for _ in range(3):
+        for params, o in ((swapped, opt), (list(twin.parameters()), ref)):
+            o.zero_grad()
+            h = torch.nn.functional.embedding(x, params[0])
+            h = torch.nn.functional.linear(h, params[1], params[2])
+            torch.nn.functional.linear(h, params[3], params[4]).square().mean().backward()
+            o.step()
+    for p, q in zip(swapped, twin.parameters()):
+        assert torch.equal(p, q)
+    assert opt.kind_of(swapped[0]) == "embedding" and opt.is_transposed(swapped[1])

@@ -22,8 +22,8 @@ Trainer::
   the spike z-scores and flags, the skip count.
 
 Accelerate: ``accelerator.prepare(model, ds.wrap(opt, ...))`` works as is (FSDP2 too: the parameter swap is
-followed; a SCALE inside: ``follow_param_swap(opt)`` before ``prepare`` keeps its embedding / lm_head /
-``Conv1D`` facts, keyed by parameter identity); ``observe_loss(loss)`` after ``accelerator.backward(loss)``; with ``accelerator.accumulate(model)`` the
+followed by the transforms and by dist_stab's optimizers, SCALE's embedding / lm_head / ``Conv1D`` facts
+included); ``observe_loss(loss)`` after ``accelerator.backward(loss)``; with ``accelerator.accumulate(model)`` the
 wrapper's ``step()`` runs only on sync steps, on the accumulated gradients. Do not call
 ``accelerator.clip_grad_norm_`` next to a transform (and keep DeepSpeed's ``gradient_clipping`` at 0).
 """
@@ -48,45 +48,6 @@ def find_wrapper(optimizer) -> Optional[WrappedOptimizer]:
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
     return optimizer if isinstance(optimizer, WrappedOptimizer) else None
-
-
-def follow_param_swap(optimizer) -> None:
-    """Keep a dist_stab optimizer's per-parameter facts (SCALE: names, kinds, ``[in, out]`` flags, keyed by
-    ``id(param)``) across Accelerate's FSDP2 swap, which replaces every parameter in ``param_groups`` by its DTensor
-    at the same position (``Accelerator._prepare_fsdp2``, also what the Trainer does under FSDP2). Without it SCALE
-    would meet unknown parameters after the swap and treat every 2-D one as a plain row-normalised matrix (the
-    embedding, the lm_head, GPT-2's ``Conv1D`` weights). A step pre-hook re-keys those facts by position when the
-    parameters' identities changed; a no-op for optimizers without such facts. ``DistStabTrainer`` calls it; with
-    plain Accelerate call it on the inner optimizer before ``prepare``."""
-    inner = optimizer.optimizer if isinstance(optimizer, WrappedOptimizer) else optimizer
-    attrs = tuple(getattr(inner, "_by_param_attrs", ()))
-    if not attrs or getattr(inner, "_ds_follows_swap", False):
-        return
-
-    def flat():
-        return [p for g in inner.param_groups for p in g["params"]]
-
-    params = flat()
-    snap = {"ids": [id(p) for p in params], "facts": {k: [getattr(inner, k).get(id(p)) for p in params] for k in attrs}}
-
-    def rekey(opt, args, kwargs):
-        now = flat()
-        ids = [id(p) for p in now]
-        if ids == snap["ids"]:
-            return None
-        if len(ids) != len(snap["ids"]):
-            raise RuntimeError(f"{type(inner).__name__}: the optimizer's parameters were replaced by a different "
-                               f"number of tensors ({len(snap['ids'])} -> {len(ids)}); rebuild the optimizer")
-        for k, vals in snap["facts"].items():
-            setattr(inner, k, {id(p): v for p, v in zip(now, vals) if v is not None})
-        if hasattr(inner, "_pos_names"):
-            inner._pos_names = inner._positional_names()
-        inner._reset_caches()
-        snap["ids"] = ids
-        return None
-
-    inner.register_step_pre_hook(rekey)
-    inner._ds_follows_swap = True
 
 
 class DistStabCallback(TrainerCallback):
@@ -155,7 +116,6 @@ class DistStabTrainer(Trainer):
         if isinstance(cls, type) and issubclass(cls, SCALE):
             kwargs.setdefault("module", opt_model)  # SCALE finds Conv1D (transposed) weights, embeddings, lm_head
         inner = cls(groups, **kwargs)
-        follow_param_swap(inner)  # built before Accelerate swaps in the FSDP2 parameters
         if self._ds_transforms or self._ds_skip is not None or self._ds_monitor is not None:
             self.optimizer = ds.wrap(inner, *self._ds_transforms, skip=self._ds_skip, monitor=self._ds_monitor)
         else:

@@ -27,6 +27,8 @@ import math
 import warnings
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -184,6 +186,9 @@ COMPILE_DYNAMIC: Optional[bool] = False
 #: Extra inductor options of the fused kernels. ``combo_kernels`` (horizontal fusion of the
 #: per-tensor kernels into fewer launches) took a 1B StableSPAM step on an H100 from 26.7 to 19.2 ms.
 COMPILE_OPTIONS: dict = {"combo_kernels": True}
+
+
+_PARAMS = itemgetter("params")
 
 
 class Kernel:
@@ -360,6 +365,30 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _flat_params(self) -> List[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    def _follow_params(self) -> None:
+        """Bind late: per-parameter facts (``_by_param_attrs``: names, SCALE's kinds and ``[in, out]`` flags, keyed by
+        ``id(param)``) follow a swap of the parameter objects at the same places in ``param_groups`` (Accelerate's and
+        the HF Trainer's FSDP2 ``prepare``, torchtitan re-sharding): re-keyed by position, caches dropped. Checked
+        every step with two C-level passes; a change in the number of parameters (``add_param_group``) only
+        refreshes the record."""
+        ids = list(map(id, chain.from_iterable(map(_PARAMS, self.param_groups))))
+        old = getattr(self, "_param_ids", None)
+        if old == ids:
+            return
+        if old is not None and len(old) == len(ids):
+            for k in self._by_param_attrs:
+                d = getattr(self, k, None)
+                if d is None:
+                    continue
+                moved = {}
+                for o, n in zip(old, ids):
+                    if o in d:
+                        moved.setdefault(n, d[o])
+                setattr(self, k, moved)
+            self._pos_names = self._positional_names()
+            self._reset_caches()
+        self._param_ids = ids
+
     def _positional_names(self) -> Dict[int, str]:
         out: Dict[int, str] = {}
         for gi, g in enumerate(self.param_groups):
@@ -402,6 +431,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for gi, g in enumerate(groups):
                 self._check_group(gi, g)
             return
+        self._follow_params()
         keys = tuple(self._hp_rules)
         seen = self._hp_seen
         for gi, g in enumerate(self.param_groups):
@@ -637,6 +667,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             d = state.pop(k, {})
             state[k] = [d.get(id(p)) for p in params]
         state.pop("_pos_names", None)
+        state.pop("_param_ids", None)  # ids of this process's objects: the copy records its own
         probe = type(self).__new__(type(self))  # which attributes are caches: what _reset_caches sets
         probe._reset_caches()
         for k in probe.__dict__:
@@ -652,6 +683,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     setattr(self, k, OrderedDict())
             self._patch_step_function()
             self._reset_caches()
+            self._param_ids = None
             return
         state = dict(state)
         state.pop(_COPY_MARK)
@@ -669,6 +701,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             setattr(self, k, d)
         self._pos_names = self._positional_names()
         self._reset_caches()
+        self._param_ids = list(map(id, params))
 
 
 def maxabs_vector(grads: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
