@@ -618,3 +618,19 @@ def test_scale_follows_a_parameter_swap_by_position():
     for p, q in zip(swapped, twin.parameters()):
         assert torch.equal(p, q)
     assert opt.kind_of(swapped[0]) == "embedding" and opt.is_transposed(swapped[1])
+
+
+def test_scale_state_dict_right_after_a_swap_has_every_kind():
+    """A checkpoint template built right after the swap (Accelerate's FSDP2 load: get_optimizer_state_dict before any
+    step) holds the lm_head's momentum and the 1-D params' Adam entries, so a checkpoint can load into it."""
+    import torch
+    from dist_stab.optim import SCALE
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 16))
+    opt = SCALE(list(model.named_parameters()), lr=1e-2, embeddings=[model[0].weight], last_layer=model[2].weight)
+    for g in opt.param_groups:
+        g["params"] = [torch.nn.Parameter(p.detach().clone()) for p in g["params"]]
+    st = opt.state_dict()["state"]
+    assert sorted(st[3]) == ["momentum"]  # the lm_head (param 3: embedding, w, b, lm_head weight, lm_head bias)
+    assert sorted(st[2]) == ["exp_avg", "exp_avg_sq", "step"]

@@ -369,7 +369,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Bind late: per-parameter facts (``_by_param_attrs``: names, SCALE's kinds and ``[in, out]`` flags, keyed by
         ``id(param)``) follow a swap of the parameter objects at the same places in ``param_groups`` (Accelerate's and
         the HF Trainer's FSDP2 ``prepare``, torchtitan re-sharding): re-keyed by position, caches dropped. Checked
-        every step with two C-level passes; a change in the number of parameters (``add_param_group``) only
+        every step, and in ``state_dict`` / ``load_state_dict`` (a checkpoint template built right after the swap),
+        with two C-level passes; a change in the number of parameters (``add_param_group``) only
         refreshes the record."""
         ids = list(map(id, chain.from_iterable(map(_PARAMS, self.param_groups))))
         old = getattr(self, "_param_ids", None)
@@ -562,6 +563,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         entry for every parameter that has or would have state (see the class docstring). Hooks as in torch."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        self._follow_params()  # after a parameter swap (FSDP2 prepare) the entries' kinds follow the new objects
         mapping: Dict[int, int] = {}
         groups = []
         start = 0
@@ -613,6 +615,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         loaded groups are validated, keys missing from an older state dict keep the current group's values,
         dist_stab's fix-ups run before the post-hooks, and nothing changes if anything fails."""
         state_dict = state_dict.copy()  # shallow, as torch does
+        self._follow_params()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = pre_hook(self, state_dict)
             if out is not None:
