@@ -321,17 +321,42 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def state(self, value) -> None:
         self.optimizer.state = value
 
-    def observe_loss(self, loss) -> None:
-        """Give this step's (local) loss to the next ``step()``, for frameworks that call ``step()`` with no
-        arguments (HF Trainer, Accelerate, Lightning): call it after ``backward()``. A loss passed to ``step``
-        itself wins."""
-        self._observed_loss = None if loss is None else torch.as_tensor(loss).detach()
+    def observe_loss(self, loss, reduce: str = "mean") -> None:
+        """Give the loss to the next ``step()``, for frameworks that call ``step()`` with no arguments (HF Trainer,
+        Accelerate, Lightning): call it after each ``backward()``. With gradient accumulation, call it once per
+        micro-batch; the step sees the losses observed since the previous step combined by ``reduce``:
+
+        * ``"mean"`` (default): their mean, for un-scaled micro-batch losses (Accelerate's ``loss`` before
+          ``accelerator.backward`` divides it, a plain loop's ``loss`` before ``/ accum``);
+        * ``"sum"``: their sum, for losses already divided by the accumulation count (what the HF Trainer's
+          ``training_step`` and torchtitan's ``forward_backward_step`` return).
+
+        A loss passed to ``step`` itself wins (the observed ones are then dropped). Device-side: no sync."""
+        if reduce not in ("mean", "sum"):
+            raise ValueError(f"observe_loss: reduce must be 'mean' or 'sum', got {reduce!r}")
+        if loss is None:
+            return
+        loss = torch.as_tensor(loss).detach().float()
+        prev = self._observed_loss
+        if prev is None:
+            self._observed_loss = (loss, 1, reduce)
+            return
+        if prev[2] != reduce:
+            raise ValueError(f"observe_loss: reduce={reduce!r} after reduce={prev[2]!r} in the same step")
+        self._observed_loss = (prev[0] + loss, prev[1] + 1, reduce)
+
+    def _take_observed_loss(self):
+        obs, self._observed_loss = getattr(self, "_observed_loss", None), None
+        if obs is None:
+            return None
+        total, n, reduce = obs
+        return total / n if (reduce == "mean" and n > 1) else total
 
     def step(self, closure=None, loss=None):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        observed, self._observed_loss = getattr(self, "_observed_loss", None), None
+        observed = self._take_observed_loss()
         if loss is None:
             loss = observed
         self._sync_binding()

@@ -187,22 +187,19 @@ def test_accelerate_gradient_accumulation_equals_plain_loop():
     opt = ds.wrap(_optimizer("AdamW", model), *_transforms("AdamW"), skip=ds.SkipStep(), monitor=ds.SpikeMonitor())
     model, popt = acc.prepare(model, opt)
     rows = _data()
-    seen, step_loss = [], None
+    seen = []
     for i in range(STEPS * ACCUM):
         mb = rows[i * MICRO:(i + 1) * MICRO]
         ids, labels = torch.stack([r["input_ids"] for r in mb]), torch.stack([r["labels"] for r in mb])
         with acc.accumulate(model):
             loss = model(input_ids=ids, labels=labels).loss
             acc.backward(loss)
-            step_loss = loss.detach() / ACCUM if step_loss is None else step_loss + loss.detach() / ACCUM
-            if acc.sync_gradients:
-                opt.observe_loss(step_loss)
+            opt.observe_loss(loss)  # every micro-batch: the step sees their mean
             popt.step()
             popt.zero_grad()
             if acc.sync_gradients:
                 seen.append((float(opt.last_stats["GradientStabilizer"]["global_norm"]),
                              float(opt.last_stats["spikes"]["loss"])))
-                step_loss = None
     assert opt.monitor.state["steps"].item() == STEPS
     for (norm, loss), n, l in zip(seen, ref_norms, ref_losses):
         assert norm == pytest.approx(n, rel=1e-4) and loss == pytest.approx(l, rel=1e-5)

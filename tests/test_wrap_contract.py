@@ -326,6 +326,33 @@ def test_observe_loss_feeds_a_bare_step():
     assert not bool(w.last_stats["spikes"]["loss_present"])
 
 
+def test_observe_loss_combines_the_micro_batches_of_a_step():
+    """Gradient accumulation: every micro-batch's loss is observed; the step sees their mean (un-scaled losses,
+    Accelerate's) or sum (losses already divided by the accumulation count, the HF Trainer's), then starts over."""
+    model = Net()
+    w = make(model)
+    for losses, reduce, expect in (([1.0, 3.0, 8.0], "mean", 4.0), ([0.5, 0.25], "sum", 0.75), ([2.0], "mean", 2.0)):
+        loss_of(model, 0).backward()
+        for x in losses:
+            w.observe_loss(torch.tensor(x), reduce=reduce)
+        w.step()
+        w.zero_grad()
+        assert float(w.last_stats["spikes"]["loss"]) == expect
+    w.observe_loss(torch.tensor(5.0))
+    loss_of(model, 0).backward()
+    w.step(loss=torch.tensor(7.0))  # a loss given to step wins; the observed one is dropped
+    assert float(w.last_stats["spikes"]["loss"]) == 7.0
+    w.zero_grad()
+    loss_of(model, 0).backward()
+    w.step()
+    assert not bool(w.last_stats["spikes"]["loss_present"])
+    w.observe_loss(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="reduce='sum' after reduce='mean'"):
+        w.observe_loss(torch.tensor(1.0), reduce="sum")
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        w.observe_loss(torch.tensor(1.0), reduce="max")
+
+
 @pytest.mark.parametrize("preclipped", [True, False])
 def test_warns_once_when_the_gradients_arrive_clipped(preclipped):
     """A framework's global clip before the step (here torch's clip_grad_norm_ to 0.05, below every raw norm of

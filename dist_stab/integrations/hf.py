@@ -13,8 +13,9 @@ Trainer::
   transforms key their state by name), then wraps it with ``dist_stab.wrap``. Built before Accelerate shards
   the model: the wrapper follows the parameters Accelerate swaps into the optimizer (late binding by name).
   ``optimizers=(ds.wrap(...), scheduler)`` works too (not with FSDP, where the Trainer refuses it).
-* ``training_step`` hands the step's loss (summed over the gradient-accumulation micro-batches) to
-  ``observe_loss``: the Trainer calls ``optimizer.step()`` with no arguments.
+* ``training_step`` hands each micro-batch's loss to ``observe_loss(loss, reduce="sum")`` (the Trainer's
+  micro-batch losses are already divided by the accumulation count, so they add up to the step's loss): the
+  Trainer calls ``optimizer.step()`` with no arguments.
 * :class:`DistStabCallback` (added by ``DistStabTrainer``; usable alone with a plain Trainer and a wrapped
   optimizer) keeps one clipping owner: with a dist_stab transform active and ``args.max_grad_norm > 0`` (the
   Trainer's default is 1.0) it sets ``max_grad_norm`` to 0 with a warning (``refuse_clipping=True``: raises),
@@ -23,8 +24,9 @@ Trainer::
 
 Accelerate: ``accelerator.prepare(model, ds.wrap(opt, ...))`` works as is (FSDP2 too: the parameter swap is
 followed by the transforms and by dist_stab's optimizers, SCALE's embedding / lm_head / ``Conv1D`` facts
-included); ``observe_loss(loss)`` after ``accelerator.backward(loss)``; with ``accelerator.accumulate(model)`` the
-wrapper's ``step()`` runs only on sync steps, on the accumulated gradients. Do not call
+included); ``observe_loss(loss)`` after each ``accelerator.backward(loss)`` (the step sees the mean of its
+micro-batches' losses); with ``accelerator.accumulate(model)`` the wrapper's ``step()`` runs only on sync steps, on
+the accumulated gradients. Do not call
 ``accelerator.clip_grad_norm_`` next to a transform (and keep DeepSpeed's ``gradient_clipping`` at 0).
 """
 from __future__ import annotations
@@ -86,8 +88,6 @@ class DistStabTrainer(Trainer):
     def __init__(self, *args, transforms: Sequence[Any] = (), skip=None, monitor=None,
                  refuse_clipping: bool = False, **kwargs):
         self._ds_transforms, self._ds_skip, self._ds_monitor = list(transforms), skip, monitor
-        self._ds_loss: Optional[torch.Tensor] = None
-        self._ds_hooked: Optional[int] = None
         callbacks = list(kwargs.pop("callbacks", None) or [])
         callbacks.append(DistStabCallback(refuse_clipping=refuse_clipping))
         super().__init__(*args, callbacks=callbacks, **kwargs)
@@ -125,12 +125,6 @@ class DistStabTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         wrapper = find_wrapper(self.optimizer)
-        if wrapper is not None:
-            if self._ds_hooked != id(wrapper):  # the sum restarts after each optimizer step
-                wrapper.register_step_post_hook(lambda *_: setattr(self, "_ds_loss", None))
-                self._ds_hooked = id(wrapper)
-            step_loss = loss.detach()
-            self._ds_loss = step_loss if self._ds_loss is None else self._ds_loss + step_loss
-            wrapper.observe_loss(self._ds_loss)
+        if wrapper is not None:  # the micro-batch losses are already divided by the accumulation: they add up
+            wrapper.observe_loss(loss.detach(), reduce="sum")
         return loss
-
