@@ -33,10 +33,13 @@ setup(
         "train": ["tokenizers==0.23.3", "PyYAML==6.0.3", "matplotlib==3.11.2", "tensorboard==2.21.0", "tqdm==4.70.1"],
         "deepspeed": ["deepspeed==0.19.8"],
         "megatron": ["megatron-core==0.16.1"],
-        # dist_stab.integrations and its tests; tyro..einops are what torchtitan 0.3.0's components import:
-        # tests/run.sh installs torchtitan itself with --no-deps (its datasets/wandb/huggingface_hub pins are
-        # not needed by its components and clash with transformers 5.25's)
+        # dist_stab.integrations and its tests; tyro..einops are what torchtitan 0.3.0's components import, and
+        # torchdata..httpx what its config registry imports (its data loader and datasets 4.7.0's imports):
+        # tests/run.sh installs torchtitan and datasets themselves with --no-deps (their wandb / huggingface_hub /
+        # fsspec pins are not needed to import them and clash with transformers 5.25's)
         "integrations": ["transformers==5.25.0", "accelerate==1.16.0", "lightning==2.6.6",
-                         "tyro==1.0.17", "spmd_types==0.2.3", "torch_checkpointing==0.1.1", "einops==0.8.2"],
+                         "tyro==1.0.17", "spmd_types==0.2.3", "torch_checkpointing==0.1.1", "einops==0.8.2",
+                         "torchdata==0.11.0", "pyarrow==26.0.1", "pandas==3.1.1", "dill==0.4.0",
+                         "multiprocess==0.70.18", "xxhash==4.1.0", "httpx==0.29.0"],
     },
 )

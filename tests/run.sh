@@ -16,6 +16,7 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,deepspeed,megatron,integrations]"
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps torchtitan==0.3.0  # components only (see setup.py)
+# torchtitan's components and config registry, datasets for its imports (see setup.py)
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps torchtitan==0.3.0 datasets==4.7.0
 export OMP_NUM_THREADS=1
 exec .venv/bin/python -m pytest tests -q -p no:cacheprovider --timeout=600 "$@"

@@ -98,13 +98,26 @@ def _config(optimizer, transforms, skip=None, monitor=None):
     return cfg
 
 
-def _torchtitan_run(rank, ws, optimizer, transforms, folder, steps, load_step=None, save_step=None):
+def _recipe_config(name):
+    """A config of launch/recipes/torchtitan_configs.py (the README's torchtitan recipe) as ``torchtitan.train``
+    gets it: torchtitan's ConfigManager with --module / --config (the module found through PYTHONPATH)."""
+    import sys
+
+    from torchtitan.config import ConfigManager
+    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "recipes")
+    if recipes not in sys.path:
+        sys.path.insert(0, recipes)
+    return ConfigManager().parse_args(["--module", "torchtitan_configs", "--config", name])
+
+
+def _torchtitan_run(rank, ws, optimizer, transforms, folder, steps, load_step=None, save_step=None, recipe=None):
     """The trainer's order: zero_grad, forward/backward (loss given to observe_loss), clip_grad_norm_ with
-    training.max_norm, optimizers.step, lr_schedulers.step; checkpoints through CheckpointManager."""
+    training.max_norm, optimizers.step, lr_schedulers.step; checkpoints through CheckpointManager. ``recipe``: the
+    config of that name in launch/recipes/torchtitan_configs.py instead of ``_config``."""
     from torchtitan.components.checkpoint import CheckpointManager
     from torchtitan.distributed import utils as dist_utils
 
-    cfg = _config(optimizer, transforms, skip={}, monitor={})
+    cfg = _config(optimizer, transforms, skip={}, monitor={}) if recipe is None else _recipe_config(recipe)
     model = _build()
     opts = cfg.optimizer.build(model_parts=[model])
     scheds = _scheduler(opts)
@@ -197,6 +210,29 @@ def test_container_fsdp2_equals_plain_loop_and_resumes_on_one_rank(optimizer, tm
     assert resumed["lr"] == pytest.approx(tt["lr"], rel=1e-12)  # the scheduler resumed too
     for n, p in tt["params"].items():
         torch.testing.assert_close(resumed["params"][n], p, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _recipe_vs_plain(rank, ws, folder):
+    tt = _torchtitan_run(rank, ws, "SCALE", ["AdaGC"], folder, steps=STEPS, recipe="llama3_8b_scale_adagc")
+    return tt, _plain_run(rank, ws, "SCALE", steps=STEPS)
+
+
+def test_recipe_configs_parse_and_train(tmp_path):
+    """The README's torchtitan recipe (launch/recipes/torchtitan_configs.py) as torchtitan.train reads it: both
+    configs parse through torchtitan's ConfigManager (--module / --config), switched to dist_stab with torchtitan's
+    clip_grad_norm_ only measuring; llama3_8b_scale_adagc's optimizer, built by torchtitan's container on its debug
+    model (FSDP2, 2 gloo ranks), trains equal to the plain ds.wrap loop bit for bit."""
+    from dist_stab.integrations.torchtitan import DistStabOptimizersContainer
+    adamw = _recipe_config("llama3_8b_adagc")
+    assert isinstance(adamw.optimizer, DistStabOptimizersContainer.Config) and adamw.training.max_norm == float("inf")
+    assert [g.optimizer_name for g in adamw.optimizer.param_groups] == ["AdamW"] and adamw.optimizer.transforms == ["AdaGC"]
+    scale = _recipe_config("llama3_8b_scale_adagc")
+    assert [g.optimizer_name for g in scale.optimizer.param_groups] == ["SCALE"] and scale.training.max_norm == float("inf")
+    tt, plain = run_dist(_recipe_vs_plain, 2, str(tmp_path), timeout=500)[0]
+    assert tt["max_norm"] == float("inf") and max(tt["norms"]) > 1.0
+    assert tt["seen"] == pytest.approx(tt["norms"], rel=1e-5)  # AdaGC saw the raw norm torchtitan measured
+    for n, p in plain["params"].items():
+        torch.testing.assert_close(tt["params"][n], p, rtol=0, atol=0, msg=n)
 
 
 def _ckpt_layout(rank, ws, folder):

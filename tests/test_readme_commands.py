@@ -61,6 +61,24 @@ RUN = {
         "python -m dist_stab.memory_plan --config configs/7b_fsdp.yaml --world-size 32,64,128,256", ["FITS"]),
     "python -m dist_stab.bench.host": (
         "python -m dist_stab.bench.host --counts 100 --iters 2", ["| tensors |"]),
+    # the framework recipes (launch/recipes/, the README's blocks verbatim: test_framework_recipes_are_the_files),
+    # as written; they write under runs/ (ignored)
+    "python launch/recipes/hf_trainer.py": (
+        "python launch/recipes/hf_trainer.py",
+        ["dist_stab sets max_grad_norm=0 (one clipping owner)", "'dist_stab/AdaGC/global_norm'",
+         "'dist_stab/AdaGC/num_clipped'", "'dist_stab/loss_z'", "'dist_stab/skipped': '0'", "train_runtime"]),
+    "torchrun --nproc_per_node 2 launch/recipes/hf_trainer.py": (
+        "torchrun --nproc_per_node 2 launch/recipes/hf_trainer.py",
+        ["dist_stab sets max_grad_norm=0 (one clipping owner)", "'dist_stab/AdaGC/global_norm'", "train_runtime"]),
+    "python launch/recipes/accelerate_loop.py": (
+        "python launch/recipes/accelerate_loop.py",
+        ["'dist_stab/AdaGC/global_norm'", "'dist_stab/AdaGC/num_clipped'", "'dist_stab/loss'", "'dist_stab/skipped'"]),
+    "torchrun --nproc_per_node 2 launch/recipes/accelerate_loop.py": (
+        "torchrun --nproc_per_node 2 launch/recipes/accelerate_loop.py",
+        ["'dist_stab/AdaGC/global_norm'", "'dist_stab/skipped'"]),
+    "python launch/recipes/lightning_fit.py": (
+        "python launch/recipes/lightning_fit.py",
+        ["`Trainer.fit` stopped: `max_steps=12` reached", "'dist_stab/AdaGC/global_norm'", "'dist_stab/loss'"]),
 }
 
 # command -> (test file, test name) that runs it (or its CPU form) already
@@ -89,6 +107,11 @@ NOT_ON_CPU = {
     "deepspeed --num_gpus 8 train.py": "the user's own train.py on 8 GPUs (a placeholder)",
     "deepspeed --hostfile launch/hostfile.example train.py": "the user's own train.py on the hostfile's GPUs",
     "torchrun --nproc_per_node 8 train.py": "the user's own train.py on 8 GPUs (a placeholder)",
+    "PYTHONPATH=launch/recipes torchrun --nproc_per_node 8 -m torchtitan.train --module torchtitan_configs "
+    "--config llama3_8b_scale_adagc":
+        "torchtitan's full Trainer on 8 GPUs (FlexAttention has no CPU backward, the 8B model and its data need GPUs); "
+        "tests/test_integrations_torchtitan.py::test_recipe_configs_parse_and_train parses these configs with "
+        "torchtitan's ConfigManager (--module/--config) and trains their optimizer with torchtitan's components",
 }
 
 # paths that are the user's (placeholders) or outputs, not files of this repository
@@ -122,6 +145,21 @@ def readme_commands(text: str):
         if _is_command(span):
             cmds.append(span)
     return list(dict.fromkeys(cmds))
+
+
+RECIPES = {"Hugging Face Trainer": "hf_trainer.py", "Accelerate": "accelerate_loop.py", "Lightning": "lightning_fit.py",
+           "torchtitan": "torchtitan_configs.py"}
+
+
+def test_framework_recipes_are_the_files():
+    """Each "#### <framework>" section of README's Frameworks shows its recipe file of launch/recipes/ verbatim
+    (the commands above run those files as written), and every file there is shown."""
+    text = README.read_text()
+    for heading, name in RECIPES.items():
+        section = text.split(f"\n#### {heading}\n", 1)[1].split("\n#### ", 1)[0]
+        block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+        assert block == (REPO / "launch/recipes" / name).read_text(), f"README's {heading} recipe != {name}"
+    assert sorted(p.name for p in (REPO / "launch/recipes").glob("*.py")) == sorted(RECIPES.values())
 
 
 def test_extraction_sees_blocks_spans_and_comments():
