@@ -223,7 +223,9 @@ def test_recipe_configs_parse_and_train(tmp_path):
     clip_grad_norm_ only measuring; llama3_8b_scale_adagc's optimizer, built by torchtitan's container on its debug
     model (FSDP2, 2 gloo ranks), trains equal to the plain ds.wrap loop bit for bit."""
     from dist_stab.integrations.torchtitan import DistStabOptimizersContainer
+    from dist_stab.integrations.torchtitan_trainer import DistStabTrainer
     adamw = _recipe_config("llama3_8b_adagc")
+    assert isinstance(adamw, DistStabTrainer.Config)  # torchtitan.train builds the trainer that feeds the loss
     assert isinstance(adamw.optimizer, DistStabOptimizersContainer.Config) and adamw.training.max_norm == float("inf")
     assert [g.optimizer_name for g in adamw.optimizer.param_groups] == ["AdamW"] and adamw.optimizer.transforms == ["AdaGC"]
     scale = _recipe_config("llama3_8b_scale_adagc")
@@ -233,6 +235,59 @@ def test_recipe_configs_parse_and_train(tmp_path):
     assert tt["seen"] == pytest.approx(tt["norms"], rel=1e-5)  # AdaGC saw the raw norm torchtitan measured
     for n, p in plain["params"].items():
         torch.testing.assert_close(tt["params"][n], p, rtol=0, atol=0, msg=n)
+
+
+def _trainer_fwd_bwd(rank, ws):
+    """DistStabTrainer.forward_backward_step as torchtitan's train_step calls it (once per micro-batch), on an
+    instance holding what that method reads (the full Trainer's __init__ needs a GPU here): the parsed recipe's
+    optimizer container on the debug model, torchtitan's ParallelDims; forward/backward by a fwd_bwd_fn."""
+    import torch.distributed as dist
+    from torchtitan.config import ParallelismConfig
+    from torchtitan.distributed import ParallelDims
+
+    from dist_stab.integrations.torchtitan_trainer import DistStabTrainer
+    cfg = _recipe_config("llama3_8b_scale_adagc")
+    model = _build()
+    trainer = object.__new__(DistStabTrainer)
+    trainer.model_parts = [model]
+    trainer.parallel_dims = ParallelDims.from_config(ParallelismConfig(data_parallel_shard_degree=-1),
+                                                     dist.get_world_size())
+    trainer.optimizers = cfg.optimizer.build(model_parts=[model])
+    trainer.post_dataloading_process = lambda input_dict, labels: (input_dict["input"], labels, {})
+    trainer.fwd_bwd_fn = lambda inputs, labels, tokens, extra: _micro_loss(model, inputs, labels, tokens)
+    losses = []
+    for batch in _batches(2):
+        micro = _local(batch, rank, ws)
+        for half in (micro[:1], micro[1:]):  # 2 micro-batches: their losses add up to the step's
+            loss = trainer.forward_backward_step(input_dict={"input": half[:, :-1]}, labels=half[:, 1:],
+                                                 global_valid_tokens=torch.tensor(float(micro[:, 1:].numel() * ws)))
+            losses.append(float(loss))
+        trainer.optimizers.step()
+        trainer.optimizers.zero_grad()
+        losses.append(float(trainer.optimizers.last_stats["spikes"]["loss"]))
+    return type(cfg).__qualname__, type(cfg)._owner is DistStabTrainer, losses
+
+
+def _micro_loss(model, inputs, labels, global_tokens):
+    logits = model(inputs)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+    loss = loss / global_tokens
+    loss.backward()
+    return loss
+
+
+def test_trainer_hands_the_loss_to_the_monitor():
+    """use_dist_stab on torchtitan's Trainer.Config returns a DistStabTrainer config (what torchtitan.train then
+    builds); its forward_backward_step gives each micro-batch's loss to the container, so the monitor sees the step's
+    loss (the micro-batches' sum, averaged over the 2 ranks: each rank's sum is its share of the global mean)."""
+    out = run_dist(_trainer_fwd_bwd, 2, timeout=300)
+    for name, owner, losses in out:
+        assert name == "DistStabTrainer.Config" and owner
+    for step in range(2):
+        per_rank = [sum(r[2][3 * step:3 * step + 2]) for r in out]
+        seen = out[0][2][3 * step + 2]
+        assert out[1][2][3 * step + 2] == seen
+        assert seen == pytest.approx(sum(per_rank) / 2, rel=1e-6)
 
 
 def _ckpt_layout(rank, ws, folder):

@@ -4,13 +4,14 @@ Switch a ``Trainer.Config`` in a few lines::
 
     from dist_stab.integrations.torchtitan import use_dist_stab
 
-    config = llama3_debugmodel()
-    use_dist_stab(config, optimizer="SCALE", optimizer_kwargs={"lr": 1e-3, "adam_lr": 1e-3},
-                  transforms=["AdaGC"], skip={"grad_z": 6.0})
+    def llama3_debugmodel_scale():  # a config function of your --module, for torchtitan.train --config
+        return use_dist_stab(llama3_debugmodel(), optimizer="SCALE",
+                             optimizer_kwargs={"lr": 1e-3, "adam_lr": 1e-3}, transforms=["AdaGC"], skip={"grad_z": 6.0})
 
 or build the container config yourself (``DistStabOptimizersContainer.Config``: torchtitan's
 ``OptimizersContainer.Config`` plus ``transforms``, ``skip``, ``monitor``) and set
-``config.training.max_norm = float("inf")``.
+``config.training.max_norm = float("inf")`` (and, for the loss, use
+``dist_stab.integrations.torchtitan_trainer.DistStabTrainer.Config``).
 
 What it does:
 
@@ -28,17 +29,19 @@ What it does:
   once per optimizer (under the first parameter of its first group) and loads on another world size.
 * ``optimizers.observe_loss(loss)`` (once per micro-batch: the losses of one step are summed, as torchtitan's
   token-normalised micro-batch losses add up to the step's loss) gives the loss to the spike monitor and to
-  loss-based ``SkipStep`` tests at the next ``step()``.
+  loss-based ``SkipStep`` tests at the next ``step()``. ``use_dist_stab`` returns a ``DistStabTrainer`` config
+  (:mod:`dist_stab.integrations.torchtitan_trainer`), whose ``forward_backward_step`` calls it.
 
 Not supported: ``skip`` / ``monitor`` with more than one optimizer in the container (pipeline stages or several
-optimizer names): each optimizer would decide on its own; torchtitan's trainer does not call ``observe_loss``
-(override ``forward_backward_step`` to do it) and, with ``max_norm = inf``, a non-finite gradient norm still makes
-torchtitan's ``clip_grads_with_norm_`` multiply every gradient by NaN (use ``skip={}``: such a step is skipped).
+optimizer names): each optimizer would decide on its own; with ``max_norm = inf``, a non-finite gradient norm
+still makes torchtitan's ``clip_grads_with_norm_`` multiply every gradient by NaN (use ``skip={}``: such a step
+is skipped).
 """
 from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -167,7 +170,10 @@ def use_dist_stab(config: Any, *, optimizer: Optional[str] = None, optimizer_kwa
                   transforms: Sequence[Any] = (), skip: Optional[dict] = None,
                   monitor: Optional[dict] = None) -> Any:
     """Switch a torchtitan ``Trainer.Config`` (anything with ``.optimizer`` and ``.training``) to dist_stab, in
-    place, and return it.
+    place, and return the config to train with: for torchtitan's ``Trainer.Config``, a
+    :class:`~dist_stab.integrations.torchtitan_trainer.DistStabTrainer` config with the same settings (its
+    ``forward_backward_step`` hands each micro-batch's loss to the spike monitor and ``SkipStep``); otherwise
+    ``config`` itself.
 
     ``optimizer``: one optimizer name for every parameter (``optimizer_kwargs`` its group kwargs, e.g. ``lr``);
     or ``param_groups``: your own ``ParamGroupConfig`` list; neither: the config's groups are kept (AdamW + a
@@ -195,4 +201,8 @@ def use_dist_stab(config: Any, *, optimizer: Optional[str] = None, optimizer_kwa
         logger.info("dist_stab: training.max_norm %s -> inf (the dist_stab transforms clip; torchtitan's "
                     "clip_grad_norm_ now only measures)", config.training.max_norm)
         config.training.max_norm = float("inf")
+    trainer_module = sys.modules.get("torchtitan.trainer")  # a Trainer.Config was given: torchtitan's trainer is loaded
+    if trainer_module is not None and isinstance(config, trainer_module.Trainer.Config):
+        from .torchtitan_trainer import as_dist_stab_trainer
+        return as_dist_stab_trainer(config)  # its forward_backward_step hands the loss to observe_loss
     return config

@@ -6,13 +6,9 @@ from dist_stab.integrations.torchtitan import use_dist_stab
 
 
 def llama3_8b_adagc():  # torchtitan's AdamW; AdaGC in place of its clip_grad_norm_
-    config = llama3_8b()
-    use_dist_stab(config, transforms=["AdaGC"], skip={})  # skip={}: a NaN/inf step is skipped, not applied
-    return config
+    return use_dist_stab(llama3_8b(), transforms=["AdaGC"], skip={})  # skip={}: a NaN/inf step is skipped
 
 
 def llama3_8b_scale_adagc():  # SCALE (embedding and lm_head found by name) + AdaGC, checkpointed by torchtitan
-    config = llama3_8b()
-    use_dist_stab(config, optimizer="SCALE", optimizer_kwargs={"lr": 2e-2, "adam_lr": 1e-3},
-                  transforms=["AdaGC"], skip={}, monitor={})
-    return config
+    return use_dist_stab(llama3_8b(), optimizer="SCALE", optimizer_kwargs={"lr": 2e-2, "adam_lr": 1e-3},
+                         transforms=["AdaGC"], skip={"loss_z": 6.0}, monitor={})  # the loss reaches the monitor
