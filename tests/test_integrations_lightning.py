@@ -51,9 +51,9 @@ def _loader():
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=False)
 
 
-def _trainer(tmp_path, steps=STEPS, clip=None, **kw):
+def _trainer(tmp_path, steps=STEPS, clip=None, devices=1, **kw):
     from dist_stab.integrations.lightning import DistStabCallback
-    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=devices, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=False, gradient_clip_val=clip,
                      callbacks=[DistStabCallback()], log_every_n_steps=1, default_root_dir=str(tmp_path), **kw)
 
@@ -90,6 +90,32 @@ def test_recipe_equals_plain_loop(tmp_path):
     assert "dist_stab/AdaGC/num_clipped" in trainer.callback_metrics and "dist_stab/skipped" in trainer.callback_metrics
     for (n, p), (_, q) in zip(module.net.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+
+
+class DDPModule(Module):
+    def train_dataloader(self):
+        """Each rank takes every other row of the plain loop's batch (a sampler built in the rank, unshuffled:
+        Lightning's own distributed sampler reshuffles), half the batch size per rank."""
+        x, y = _data()
+        data = torch.utils.data.TensorDataset(x, y)
+        sampler = torch.utils.data.DistributedSampler(data, shuffle=False)
+        return torch.utils.data.DataLoader(data, batch_size=BATCH // 2, sampler=sampler)
+
+
+def test_ddp_two_processes_equals_plain_loop(tmp_path):
+    """Lightning's own DDP (strategy="ddp_spawn", 2 CPU processes, gloo): DDP averages the two half-batches'
+    gradients, so the recipe equals the single-process plain loop up to rounding; the monitor's loss is the ranks'
+    mean (the whole batch's loss); the transform's norm the whole batch's."""
+    ref, ref_opt, losses = _plain()
+    module = DDPModule()
+    trainer = _trainer(tmp_path, devices=2, strategy="ddp_spawn", use_distributed_sampler=False)
+    trainer.fit(module)  # the spawned ranks' weights and logged metrics come back to this process
+    m = trainer.callback_metrics
+    assert m["dist_stab/loss"].item() == pytest.approx(losses[-1], rel=1e-5)
+    assert m["dist_stab/AdaGC/global_norm"].item() == pytest.approx(float(ref_opt.last_stats["AdaGC"]["global_norm"]),
+                                                                    rel=1e-5)
+    for (n, p), (_, q) in zip(module.net.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_gradient_clip_val_refused(tmp_path):
