@@ -331,10 +331,13 @@ class WrappedOptimizer(torch.optim.Optimizer):
         * ``"sum"``: their sum, for losses already divided by the accumulation count (what the HF Trainer's
           ``training_step`` and torchtitan's ``forward_backward_step`` return).
 
-        A loss passed to ``step`` itself wins (the observed ones are then dropped). Device-side: no sync."""
+        A loss passed to ``step`` itself wins (the observed ones are then dropped). ``observe_loss(None)`` drops the
+        losses observed so far (for a step the framework did not take, e.g. a ``GradScaler`` overflow, whose losses
+        would otherwise join the next step's). Device-side: no sync."""
         if reduce not in ("mean", "sum"):
             raise ValueError(f"observe_loss: reduce must be 'mean' or 'sum', got {reduce!r}")
         if loss is None:
+            self._observed_loss = None
             return
         loss = torch.as_tensor(loss).detach().float()
         prev = self._observed_loss

@@ -127,6 +127,24 @@ def test_trainer_equals_plain_loop(kind, opt_name, tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=n)
 
 
+def test_trainer_step_not_taken_leaves_no_loss_behind(tmp_path):
+    """A step the optimizer does not take (an fp16 GradScaler overflow calls no optimizer.step: simulated on the
+    wrapper) must not add its micro-batch losses to the next step's: the monitor sees each taken step's own loss."""
+    trainer = _trainer("llama", "AdamW", tmp_path)
+    trainer.create_optimizer()
+    wrapper, real_step, calls = trainer.optimizer, trainer.optimizer.step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        return None if len(calls) == 2 else real_step(*a, **k)  # step 2: the scaler found inf/nan
+    wrapper.step = step
+    with pytest.warns(UserWarning, match="max_grad_norm=1.0"):
+        trainer.train()
+    logs = {h["step"]: h for h in trainer.state.log_history if "dist_stab/loss" in h}
+    assert len(calls) == STEPS and wrapper.monitor.state["steps"].item() == STEPS - 1
+    assert logs[3]["dist_stab/loss"] == pytest.approx(logs[3]["loss"], rel=1e-5)  # not steps 2 + 3
+
+
 def test_trainer_refuses_clipping_when_asked(tmp_path):
     trainer = _trainer("gpt2", "SCALE", tmp_path, steps=1, refuse=True)
     with pytest.raises(ValueError, match="max_grad_norm=1.0"):

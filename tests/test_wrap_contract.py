@@ -346,6 +346,11 @@ def test_observe_loss_combines_the_micro_batches_of_a_step():
     loss_of(model, 0).backward()
     w.step()
     assert not bool(w.last_stats["spikes"]["loss_present"])
+    w.observe_loss(torch.tensor(3.0))
+    w.observe_loss(None)  # dropped: a step the framework did not take
+    loss_of(model, 0).backward()
+    w.step()
+    assert not bool(w.last_stats["spikes"]["loss_present"])
     w.observe_loss(torch.tensor(1.0))
     with pytest.raises(ValueError, match="reduce='sum' after reduce='mean'"):
         w.observe_loss(torch.tensor(1.0), reduce="sum")

@@ -15,7 +15,8 @@ Trainer::
   ``optimizers=(ds.wrap(...), scheduler)`` works too (not with FSDP, where the Trainer refuses it).
 * ``training_step`` hands each micro-batch's loss to ``observe_loss(loss, reduce="sum")`` (the Trainer's
   micro-batch losses are already divided by the accumulation count, so they add up to the step's loss): the
-  Trainer calls ``optimizer.step()`` with no arguments.
+  Trainer calls ``optimizer.step()`` with no arguments. Losses left by a step the optimizer did not take (fp16
+  ``GradScaler`` overflow) are dropped at the next step's first micro-batch.
 * :class:`DistStabCallback` (added by ``DistStabTrainer``; usable alone with a plain Trainer and a wrapped
   optimizer) keeps one clipping owner: with a dist_stab transform active and ``args.max_grad_norm > 0`` (the
   Trainer's default is 1.0) it sets ``max_grad_norm`` to 0 with a warning (``refuse_clipping=True``: raises),
@@ -88,6 +89,7 @@ class DistStabTrainer(Trainer):
     def __init__(self, *args, transforms: Sequence[Any] = (), skip=None, monitor=None,
                  refuse_clipping: bool = False, **kwargs):
         self._ds_transforms, self._ds_skip, self._ds_monitor = list(transforms), skip, monitor
+        self._ds_observed_at: Optional[int] = None  # the global step whose micro-batch losses are being observed
         callbacks = list(kwargs.pop("callbacks", None) or [])
         callbacks.append(DistStabCallback(refuse_clipping=refuse_clipping))
         super().__init__(*args, callbacks=callbacks, **kwargs)
@@ -125,6 +127,10 @@ class DistStabTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         wrapper = find_wrapper(self.optimizer)
-        if wrapper is not None:  # the micro-batch losses are already divided by the accumulation: they add up
+        if wrapper is not None:
+            if self._ds_observed_at != self.state.global_step:  # the first micro-batch of an optimizer step: drop
+                wrapper.observe_loss(None)  # what a step the optimizer did not take left (fp16 GradScaler overflow)
+                self._ds_observed_at = self.state.global_step
+            # the micro-batch losses are already divided by the accumulation: they add up to the step's loss
             wrapper.observe_loss(loss.detach(), reduce="sum")
         return loss
