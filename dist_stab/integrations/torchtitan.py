@@ -110,7 +110,6 @@ class DistStabOptimizersContainer(OptimizersContainer):
 
     def __init__(self, config: "DistStabOptimizersContainer.Config", *, model_parts: List[torch.nn.Module]) -> None:
         super().__init__(config, model_parts=model_parts)
-        self._loss: Optional[torch.Tensor] = None
         wants = bool(config.transforms) or config.skip is not None or config.monitor is not None
         if not wants:
             return
@@ -128,18 +127,11 @@ class DistStabOptimizersContainer(OptimizersContainer):
 
     # ------------------------------------------------------------------ the loss of the step
     def observe_loss(self, loss: torch.Tensor) -> None:
-        """Add a micro-batch's loss to this step's (the sum reaches the wrapped optimizers at ``step()``)."""
-        loss = torch.as_tensor(loss).detach()
-        self._loss = loss if self._loss is None else self._loss + loss
-
-    def step(self, closure=None):
-        assert closure is None, "OptimizersContainer does not support closures"
-        loss, self._loss = self._loss, None
+        """A micro-batch's loss for the next ``step()``: the wrapped optimizers add up a step's micro-batch losses
+        (``reduce="sum"``: torchtitan's are already normalised by the step's global token count)."""
         for opt in self.optimizers:
-            if loss is not None and isinstance(opt, WrappedOptimizer):
-                opt.observe_loss(loss)
-            opt.step()
-        return None
+            if isinstance(opt, WrappedOptimizer):
+                opt.observe_loss(loss, reduce="sum")
 
     @property
     def last_stats(self) -> Dict[str, Any]:
